@@ -1,0 +1,3 @@
+from qpcell.cli import main
+
+main()

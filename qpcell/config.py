@@ -1,0 +1,118 @@
+"""Constants from the two source papers, in one place, each with the paper's value as default.
+
+"S-DRDIN" = paper 000 (symmetric dense inception network, multiplex IHC);
+"MTL-IHC" = paper 003 (multi-task IHC cytoplasm-staining framework).
+Every pixel constant is stated at the resolution ``mpp`` (µm per pixel) it was given at;
+use :meth:`PostprocessConfig.scaled` to carry it to another resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+PAPER_MPP = 0.44  # S-DRDIN 2.2: 40x scans rescaled to 20x, 0.44 µm/pixel
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Label masks drawn from point annotations (pixels at ``mpp``)."""
+
+    disc_radius_px: float = 2.0  # S-DRDIN 2.2: circle of radius r = 2 px at each dot
+    mpp: float = PAPER_MPP  # S-DRDIN 2.2
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Training patches (pixels at the model's µm/px)."""
+
+    size: int = 224  # S-DRDIN 2.2: 224x224 patches
+    stride: int = 120  # S-DRDIN 2.2: stride of 120 pixels
+    background_fraction: float = 0.1  # share of cell-free patches kept (not in the paper)
+    flips: bool = True  # S-DRDIN 2.2: random horizontal and vertical flips
+    rotate90: bool = False  # optional, not in the paper
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Detection map -> cells, S-DRDIN 2.5 (pixels at ``mpp``)."""
+
+    threshold: float = 0.5  # S-DRDIN 2.5: tuned for F1 on validation; 0.5 before tuning
+    min_area_px: float = 50.0  # S-DRDIN 2.5: components smaller than 50 px are dropped
+    peak_window_px: int = 15  # S-DRDIN 2.5: local maxima in a 15x15 window
+    class_box_px: int = 49  # S-DRDIN 2.5: mean class probability in a 49x49 box
+    mpp: float = PAPER_MPP  # S-DRDIN 2.2
+
+    def scaled(self, mpp: float) -> PostprocessConfig:
+        """The same physical sizes at another pixel size ``mpp`` (µm/px).
+
+        Lengths scale with ``self.mpp / mpp``, areas with its square; windows stay odd.
+        """
+        f = self.mpp / mpp
+
+        def odd(n: float) -> int:
+            k = max(1, round(n))
+            return k if k % 2 else k + 1
+
+        return replace(self, min_area_px=self.min_area_px * f * f,
+                       peak_window_px=odd(self.peak_window_px * f),
+                       class_box_px=odd(self.class_box_px * f), mpp=mpp)
+
+    @property
+    def reach_px(self) -> int:
+        """How far (pixels) post-processing looks around a cell: the tile halo must cover it."""
+        return max(self.class_box_px, self.peak_window_px) // 2 + 1
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """Matching radius used to score detections against points."""
+
+    radius_px: float = 10.0  # S-DRDIN 2.5: a prediction within 10 px of an annotation is a TP
+    mpp: float = PAPER_MPP
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings, S-DRDIN 2.3 unless noted."""
+
+    epochs: int = 100  # S-DRDIN 2.3: 100 epochs
+    batch_size: int = 4  # S-DRDIN 2.3: batch size 4
+    lr: float = 1e-3  # S-DRDIN 2.3: Adam, learning rate 1e-3
+    weight_decay: float = 0.0  # S-DRDIN: none stated
+    val_fraction: float = 0.3  # S-DRDIN 2.1: 7:3 train/validation split
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class MTLConfig:
+    """Multi-task IHC framework, paper 003."""
+
+    alpha: float = 0.8  # MTL-IHC eq. 3: Lm = 0.8 CE + 0.2 IoU
+    lambda_c: float = 0.5  # MTL-IHC eq. 7: consistency weight
+    lambda_p: float = 0.5  # MTL-IHC eq. 7: prior weight
+    lambda_d: float = 1.0  # MTL-IHC eq. 7: dynamic-mask weight
+    lr: float = 1e-3  # MTL-IHC 3.1: initial learning rate 0.001
+    weight_decay: float = 2e-5  # MTL-IHC 3.1: weight decay 2e-5
+    prior_epochs: int = 10  # MTL-IHC 3.1: pre-trained model stopped early at 10 epochs
+    circle_radius_px: float = 4.0  # MTL-IHC 2.1: fixed-size circle (size not given; ~a nucleus at 0.5 µm/px)
+    dynamic_radius_px: tuple[float, float] = (2.0, 7.0)  # MTL-IHC 2.2: random size (range not given)
+    dynamic_vertices: tuple[int, int] = (3, 9)  # MTL-IHC 2.2: random polygon (range not given)
+    backbone: str = "resnet18"  # MTL-IHC 3.1 uses resnet101; lighter default for CPUs
+    aux: tuple[str, ...] = ("dynamic", "prior")  # MTL-IHC Table 1: Ours++ (full framework)
+
+
+def to_dict(cfg) -> dict:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config dataclass from :func:`to_dict` output, ignoring unknown keys."""
+    names = {f.name: f for f in fields(cls)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+    return cls(**kwargs)
+
+
+__all__ = ["PAPER_MPP", "MaskConfig", "PatchConfig", "PostprocessConfig", "MatchConfig",
+           "TrainConfig", "MTLConfig", "to_dict", "from_dict"]

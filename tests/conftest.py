@@ -1,0 +1,65 @@
+"""Shared fixtures: the CLI runner and the location of the real third-party data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qpcell.cli import main
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """``$QPCELL_DATA`` or ``../shared/data`` beside the checkout."""
+    return Path(os.environ.get("QPCELL_DATA", REPO.parent / "shared" / "data"))
+
+
+def samples_root() -> Path:
+    """The genuine QuPath-written files in ``../shared/qupath-samples``."""
+    return REPO.parent / "shared" / "qupath-samples"
+
+
+@pytest.fixture
+def endonuke() -> Path:
+    root = data_root() / "endonuke"
+    if not (root / "labels").is_dir():
+        pytest.skip(f"EndoNuke data not found at {root} (set QPCELL_DATA)")
+    return root
+
+
+@pytest.fixture
+def nucls() -> Path:
+    root = data_root() / "nucls-example"
+    if not root.is_dir():
+        pytest.skip(f"NuCLS example not found at {root} (set QPCELL_DATA)")
+    return root
+
+
+@pytest.fixture
+def qupath_samples() -> Path:
+    root = samples_root()
+    if not root.is_dir():
+        pytest.skip(f"QuPath sample files not found at {root}")
+    return root
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``qpcell ARGS``; return ``(exit_code, stdout, stderr)``."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
