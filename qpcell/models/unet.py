@@ -1,0 +1,77 @@
+"""Plain U-Net baseline (Ronneberger et al. 2015) for S-DRDIN's comparison (paper 000, Table 2-3).
+
+Encoder: ``depth`` levels of (3x3 conv-ReLU) x 2 with ``base * 2**i`` channels, 2x2 max pooling
+between levels; decoder: 2x2 transposed conv, concatenate the same-level encoder output,
+(3x3 conv-ReLU) x 2; a 1x1 conv to ``C + 1`` logits (softmax, background last). 'Same' padding,
+so the output has the input's size. No batch normalisation by default (``batch_norm=True`` adds
+it after every conv). Defaults (base 16, depth 4: 16-32-64-128) mirror S-DRDIN's encoder widths;
+the model is smaller than S-DRDIN, as in the paper, where the U-Net trained fastest (Table A.4).
+Trained with plain, unweighted cross-entropy on the 7-channel class map; detection map =
+``1 - p(background)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qpcell.errors import QpcellError
+from qpcell.losses import cross_entropy
+from qpcell.models.blocks import DoubleConv, glorot_init, up2
+from qpcell.models.sdrdin import classification_maps
+
+
+class UNet(nn.Module):
+    """Plain U-Net with a ``C + 1`` channel softmax output (see the module docstring)."""
+
+    def __init__(self, n_classes: int, *, base: int = 16, depth: int = 4,
+                 batch_norm: bool = False, in_channels: int = 3) -> None:
+        super().__init__()
+        if n_classes < 1 or base < 1 or depth < 2:
+            raise QpcellError(f"invalid U-Net settings: n_classes={n_classes}, base={base}, "
+                              f"depth={depth}")
+        self.name = "unet"
+        self.n_classes = n_classes
+        self.multiple = 2 ** (depth - 1)
+        self._spec = {"name": "unet", "n_classes": int(n_classes), "base": int(base),
+                      "depth": int(depth), "batch_norm": bool(batch_norm),
+                      "in_channels": int(in_channels)}
+        widths = [base * 2**i for i in range(depth)]
+        cins = [in_channels, *widths[:-1]]
+        self.down = nn.ModuleList(DoubleConv(c, w, batch_norm=batch_norm)
+                                  for c, w in zip(cins, widths, strict=True))
+        self.pool = nn.MaxPool2d(2)
+        self.ups = nn.ModuleList(up2(widths[i + 1], widths[i]) for i in range(depth - 2, -1, -1))
+        self.up_convs = nn.ModuleList(DoubleConv(2 * widths[i], widths[i], batch_norm=batch_norm)
+                                      for i in range(depth - 2, -1, -1))
+        self.head = nn.Conv2d(widths[0], n_classes + 1, 1)
+        glorot_init(self)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if x.shape[-1] % self.multiple or x.shape[-2] % self.multiple:
+            raise QpcellError(f"unet: input sides {tuple(x.shape[-2:])} must be multiples "
+                              f"of {self.multiple}")
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for up, block in zip(self.ups, self.up_convs, strict=True):
+            x = block(torch.cat([up(x), skips.pop()], dim=1))
+        return {"cls_logits": self.head(x)}
+
+    def maps(self, out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(det = 1 - p(background) (B,H,W), cls (B,C,H,W))``."""
+        return classification_maps(out["cls_logits"], self.n_classes)
+
+    def loss(self, out: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        """Plain, unweighted softmax cross-entropy against the ``"cls"`` target."""
+        ce = cross_entropy(out["cls_logits"], targets["cls"])
+        return ce, {"ce": float(ce.detach())}
+
+    def spec(self) -> dict:
+        """Name and constructor arguments, JSON-ready: ``create_model(**spec)`` rebuilds it."""
+        return dict(self._spec)
+
+
+__all__ = ["UNet"]
