@@ -1,0 +1,574 @@
+"""Cells in whole images and slides: tiles with a halo, batched maps, post-processing, outputs.
+
+How a slide is covered
+----------------------
+The image is put on the model's pixel grid (``mpp`` µm/px, anchored at the image's (0, 0);
+see :mod:`qpcell.io.slides`). That grid is cut into square *cores* of ``tile - 2·halo`` px; each
+core is read with a ``halo`` px margin on every side (white beyond the image) and the
+``tile`` x ``tile`` pixels go to the map function. The maps are cropped to the part inside the
+image and post-processed; a cell is kept only by the tile whose core holds its centre
+(half-open bounds ``[x0, x1)``), so every cell is found exactly once and, as long as the halo
+covers what post-processing looks at (:func:`default_halo`), exactly where one whole-image
+pass would have found it. Centres are then mapped to full-resolution QuPath pixels.
+
+Only tiles whose core meets an annotated region (or, without regions, holds tissue on a
+thumbnail, for images over ``TISSUE_MIN_PIXELS``) are read; with regions, only cells inside a
+region are kept. Tiles are read in a background thread and post-processed in a thread pool
+while the model works on the next batch; memory stays bounded by a few batches of maps,
+whatever the slide size. Only the detections are accumulated.
+
+The output folder
+-----------------
+``predict_to_folder`` writes, per image ``<stem>``: ``<stem>.csv``, ``<stem>.overlay.png``
+(images up to :data:`~qpcell.io.outputs.OVERLAY_MAX_PIXELS` only) and, **last**,
+``<stem>.geojson``, which marks the image as done: a re-run skips images whose GeoJSON exists
+(unless ``overwrite``), and an interrupted image (no GeoJSON) is simply predicted again. Before
+an image is (re)predicted its old GeoJSON is removed, so a marker never vouches for files of an
+earlier run. Every file is written atomically. ``predictions.json`` (model, classes, pixel
+sizes, counts per image) is rewritten after each image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from qpcell import __version__
+from qpcell.config import PAPER_MPP
+from qpcell.errors import QpcellError
+from qpcell.io.geojson import read_geojson, write_detections
+from qpcell.io.outputs import OVERLAY_MAX_PIXELS, read_json, write_csv, write_json, write_overlay
+from qpcell.io.project import ANNOTATION_SUFFIX, read_project, scan_images, split_image_name
+from qpcell.io.slides import Slide, open_slide, to_full_res
+from qpcell.points import CellClass, Detections
+
+MapFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+"""``tiles (B, h, w, 3) uint8 -> (det (B, h, w) float32, cls (B, C, h, w) float32 | None)``."""
+PostprocessFn = Callable[[np.ndarray, np.ndarray | None], Detections]
+"""``(det (h, w), cls (C, h, w) | None) -> Detections`` in the maps' own pixels."""
+
+#: The halo is at least this many µm (32 px at 0.44 µm/px): context for the network's edges.
+MIN_HALO_UM = 32 * PAPER_MPP
+#: Tissue detection is used only for images bigger than this (full-resolution pixels).
+TISSUE_MIN_PIXELS = 4_000_000
+#: Tile sizes are multiples of this (4 poolings by 2).
+MULTIPLE = 16
+
+
+def _ceil_to(v: float, m: int) -> int:
+    return int(math.ceil(v / m - 1e-9)) * m
+
+
+def default_halo(mpp: float | None, reach_px: int = 0) -> int:
+    """Halo (px at ``mpp``) covering ``reach_px`` and at least :data:`MIN_HALO_UM` µm.
+
+    Rounded up to a multiple of 8 so that ``tile - 2·halo`` stays a multiple of 16.
+    """
+    floor_px = MIN_HALO_UM / (mpp if mpp else PAPER_MPP)
+    return _ceil_to(max(float(reach_px), floor_px), MULTIPLE // 2)
+
+
+def _union(regions: Sequence[BaseGeometry] | None) -> BaseGeometry | None:
+    if regions is None:
+        return None
+    geoms = [g for g in regions if g is not None and not g.is_empty]
+    u = shapely.union_all(geoms) if geoms else shapely.Polygon()
+    shapely.prepare(u)
+    return u
+
+
+@dataclass
+class TilePlan:
+    """Which tiles of a slide are predicted, on the model's pixel grid.
+
+    Attributes
+    ----------
+    scale
+        Full-resolution pixels per grid pixel.
+    read_mpp
+        ``mpp`` to pass to :meth:`Slide.read_grid` (``None`` = full resolution).
+    grid
+        ``(width, height)`` of the image on the grid.
+    tile, halo
+        Tile side given to the map function and the margin on each side (grid px).
+    cores
+        ``(N, 4)`` int64 ``(x0, y0, x1, y1)`` of each kept tile's core on the grid.
+    n_total
+        Number of tiles before skipping empty ones.
+    """
+
+    scale: float
+    read_mpp: float | None
+    grid: tuple[int, int]
+    tile: int
+    halo: int
+    cores: np.ndarray
+    n_total: int
+    regions: BaseGeometry | None = None
+
+    @property
+    def core(self) -> int:
+        return self.tile - 2 * self.halo
+
+    def __len__(self) -> int:
+        return len(self.cores)
+
+
+def plan_tiles(slide: Slide, *, mpp: float | None, tile_size: int = 512, halo: int | None = None,
+               reach_px: int = 0, regions: Sequence[BaseGeometry] | None = None,
+               tissue: bool = True) -> TilePlan:
+    """Tile layout for :func:`predict_slide` (see the module notes)."""
+    if slide.mpp is not None and mpp is not None:
+        read_mpp, scale = mpp, slide.scale_for(mpp)
+    else:  # unknown pixel size: the image is taken to be at the model's resolution
+        read_mpp, scale = None, 1.0
+    gw, gh = slide.grid_size(read_mpp)
+    halo = default_halo(mpp, reach_px) if halo is None else int(halo)
+    if halo < 0:
+        raise QpcellError(f"halo {halo} px is negative")
+    tile = min(int(tile_size), _ceil_to(max(gw, gh) + 2 * halo, MULTIPLE))
+    if tile % MULTIPLE:
+        raise QpcellError(f"tile size {tile_size} is not a multiple of {MULTIPLE}")
+    core = tile - 2 * halo
+    if core < MULTIPLE:
+        raise QpcellError(f"tile size {tile_size} px leaves no room inside a {halo} px halo; "
+                          f"use a tile size of at least {2 * halo + 4 * MULTIPLE}")
+    xs = np.arange(0, gw, core)
+    ys = np.arange(0, gh, core)
+    x0, y0 = (a.ravel() for a in np.meshgrid(xs, ys))  # row-major: rows of tiles
+    cores = np.stack([x0, y0, np.minimum(x0 + core, gw), np.minimum(y0 + core, gh)], axis=1)
+    n_total = len(cores)
+    union = _union(regions)
+    full = cores.astype(np.float64) * scale  # core boxes in full-resolution px
+    if union is not None:
+        keep = shapely.intersects(shapely.box(full[:, 0], full[:, 1], full[:, 2], full[:, 3]),
+                                  union)
+        cores = cores[keep]
+    elif tissue and slide.width * slide.height > TISSUE_MIN_PIXELS:
+        from qpcell.tissue import MIN_TISSUE_FRACTION, tissue_mask
+
+        frac = tissue_mask(slide).fractions(full)
+        cores = cores[frac >= MIN_TISSUE_FRACTION]
+    return TilePlan(scale, read_mpp, (gw, gh), tile, halo, cores.astype(np.int64), n_total,
+                    union)
+
+
+def _read_batches(slide: Slide, plan: TilePlan, batch_size: int, stop: threading.Event
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches ``(tiles (B, T, T, 3), cores (B, 4))``, read one batch ahead in a thread."""
+    q: queue.Queue = queue.Queue(maxsize=2)
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for i in range(0, len(plan.cores), batch_size):
+                cores = plan.cores[i:i + batch_size]
+                tiles = np.stack([slide.read_grid(int(c[0]) - plan.halo, int(c[1]) - plan.halo,
+                                                  plan.tile, plan.tile, mpp=plan.read_mpp)
+                                  for c in cores])
+                if not put((tiles, cores)):
+                    return
+            put(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            put(err)
+
+    thread = threading.Thread(target=work, name="qpcell-tile-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _tile_cells(det: np.ndarray, cls: np.ndarray | None, core: np.ndarray, plan: TilePlan,
+                postprocess_fn: PostprocessFn) -> Detections:
+    """Cells of one tile whose centre lies in its core, in grid coordinates."""
+    tx, ty = int(core[0]) - plan.halo, int(core[1]) - plan.halo  # tile origin on the grid
+    gw, gh = plan.grid
+    vx0, vy0 = max(0, -tx), max(0, -ty)
+    vx1, vy1 = min(plan.tile, gw - tx), min(plan.tile, gh - ty)
+    d = det[vy0:vy1, vx0:vx1]
+    c = None if cls is None else cls[:, vy0:vy1, vx0:vx1]
+    cells = postprocess_fn(d, c)
+    if not len(cells):
+        return cells
+    u = cells.xy[:, 0] + (tx + vx0)
+    v = cells.xy[:, 1] + (ty + vy0)
+    keep = (u >= core[0]) & (u < core[2]) & (v >= core[1]) & (v < core[3])
+    return Detections(np.stack([u, v], axis=1)[keep], cells.labels[keep], cells.scores[keep],
+                      cells.class_probs[keep], cells.classes)
+
+
+def predict_slide(slide: Slide, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
+                  mpp: float | None, classes: Sequence[CellClass] | None = None,
+                  tile_size: int = 512, halo: int | None = None, reach_px: int = 0,
+                  batch_size: int = 4, regions: Sequence[BaseGeometry] | None = None,
+                  tissue: bool = True, workers: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> Detections:
+    """Detect cells in a whole image or slide, tile by tile.
+
+    Parameters
+    ----------
+    slide
+        The image (:func:`qpcell.io.slides.open_slide`).
+    map_fn
+        Probability maps of a batch of tiles (:data:`MapFn`), e.g.
+        ``ModelBundle.predict_maps``.
+    postprocess_fn
+        Cells of one tile's maps (:data:`PostprocessFn`), e.g. ``ModelBundle.to_detections``.
+    mpp
+        µm/px the model works at; ``None`` (or an image of unknown pixel size) = the image's
+        own pixels.
+    classes
+        The class list (for an empty result); default: taken from the first tile's cells.
+    tile_size
+        Side of the tiles given to ``map_fn`` (multiple of 16; halo included). Images smaller
+        than a tile use one smaller tile.
+    halo
+        Margin on each side of a tile's core, px at ``mpp``; default :func:`default_halo`
+        of ``reach_px``.
+    reach_px
+        How far (px at ``mpp``) post-processing looks around a cell
+        (``PostprocessConfig.reach_px``).
+    batch_size
+        Tiles per ``map_fn`` call.
+    regions
+        Shapely polygons in full-resolution px: only tiles meeting them are read and only
+        cells inside them are kept. ``None`` = the whole image.
+    tissue
+        Without regions, skip tiles without tissue (images over ``TISSUE_MIN_PIXELS`` only).
+    workers
+        Post-processing threads (default: up to 8, one per CPU).
+    progress
+        Called as ``progress(tiles_done, tiles_total)`` after each batch (and once at 0).
+
+    Returns
+    -------
+    Detections
+        Centres in full-resolution QuPath pixels (rows ordered tile by tile), ``mpp`` =
+        the slide's pixel size.
+    """
+    plan = plan_tiles(slide, mpp=mpp, tile_size=tile_size, halo=halo, reach_px=reach_px,
+                      regions=regions, tissue=tissue)
+    return run_plan(slide, plan, map_fn, postprocess_fn, classes=classes, batch_size=batch_size,
+                    workers=workers, progress=progress)
+
+
+def run_plan(slide: Slide, plan: TilePlan, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
+             classes: Sequence[CellClass] | None = None, batch_size: int = 4,
+             workers: int | None = None, progress: Callable[[int, int], None] | None = None
+             ) -> Detections:
+    """Run a :class:`TilePlan` (the second half of :func:`predict_slide`)."""
+    if batch_size < 1:
+        raise QpcellError(f"batch size {batch_size} must be at least 1")
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    total = len(plan)
+    if progress:
+        progress(0, total)
+    parts: list[Detections] = []
+    pending: deque[Future] = deque()
+    done = 0
+    max_pending = 2 * workers + batch_size  # bounds the maps held in memory
+    stop = threading.Event()
+
+    def collect(keep_at_most: int) -> None:
+        while len(pending) > keep_at_most:
+            parts.append(pending.popleft().result())
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qpcell-post") as pool:
+        try:
+            for tiles, cores in _read_batches(slide, plan, batch_size, stop):
+                det, cls = map_fn(tiles)
+                det = np.asarray(det)
+                if det.shape != tiles.shape[:3]:
+                    raise QpcellError(f"the model returned maps of shape {det.shape} for tiles "
+                                      f"of shape {tiles.shape[:3]}")
+                for i, core in enumerate(cores):
+                    c = None if cls is None else np.asarray(cls[i])
+                    pending.append(pool.submit(_tile_cells, det[i], c, core, plan,
+                                               postprocess_fn))
+                collect(max_pending)
+                done += len(cores)
+                if progress:
+                    progress(done, total)
+            collect(0)
+        except BaseException:
+            stop.set()
+            for fut in pending:
+                fut.cancel()
+            raise
+    if classes is None:
+        classes = parts[0].classes if parts else None
+        if classes is None:
+            raise QpcellError("no tile was predicted and no class list was given")
+    cells = Detections.concatenate(parts, classes)
+    xy = to_full_res(cells.xy, plan.scale)
+    result = Detections(xy, cells.labels, cells.scores, cells.class_probs, tuple(classes),
+                        slide.mpp)
+    if plan.regions is not None and len(result):
+        result = result.subset(shapely.contains_xy(plan.regions, xy[:, 0], xy[:, 1]))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# a model, jobs, and the output folder
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Predictor:
+    """Everything :func:`predict_to_folder` needs from a model.
+
+    Build it from a loaded checkpoint with :meth:`from_bundle`, or from plain callables
+    (tests, other frameworks).
+    """
+
+    map_fn: MapFn
+    postprocess_fn: PostprocessFn
+    classes: tuple[CellClass, ...]
+    mpp: float | None
+    reach_px: int = 0
+    name: str = "model"
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(cls, bundle, name: str | None = None) -> Predictor:
+        """From ``qpcell.checkpoint.ModelBundle`` (``load_model``)."""
+        reach = int(bundle.postprocess.reach_px)
+        if getattr(bundle, "postprocess_kind", "sdrdin") == "peaks":
+            peaks = bundle.meta.get("peaks", {})
+            reach = max(reach, int(math.ceil(float(peaks.get("min_distance_px", 3)))) + 1)
+        return cls(bundle.predict_maps, bundle.to_detections, tuple(bundle.classes), bundle.mpp,
+                   reach, name or str(getattr(bundle, "path", "model")),
+                   {"architecture": getattr(bundle, "name", None),
+                    "postprocess_kind": getattr(bundle, "postprocess_kind", None)})
+
+
+@dataclass
+class PredictionJob:
+    """One image to predict: its output name, file, optional regions and pixel size."""
+
+    name: str
+    image: Path
+    regions: list[BaseGeometry] | None = None
+    mpp: float | None = None
+
+
+@dataclass
+class ImageResult:
+    """What happened to one image in :func:`predict_to_folder`."""
+
+    name: str
+    image: Path
+    counts: dict[str, int]
+    skipped: bool = False
+    mpp: float | None = None
+    seconds: float = 0.0
+    tiles: int = 0
+    outputs: dict[str, Path] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_cells(self) -> int:
+        return int(sum(self.counts.values()))
+
+
+@dataclass
+class PredictEvent:
+    """Progress report of :func:`predict_to_folder`.
+
+    ``kind``: ``"start"`` (an image begins; ``total`` = its tiles), ``"tiles"`` (``done`` of
+    ``total`` tiles), ``"done"`` or ``"skip"`` (``result`` set). ``index`` / ``n_images``
+    count images.
+    """
+
+    kind: str
+    name: str
+    index: int
+    n_images: int
+    done: int = 0
+    total: int = 0
+    result: ImageResult | None = None
+
+
+def collect_jobs(source: str | Path, *, regions: str = "annotations", mpp: float | None = None
+                 ) -> list[PredictionJob]:
+    """Images to predict from a file, a folder of images or a GeoJSON project folder.
+
+    Parameters
+    ----------
+    source
+        An image file; a folder of images; or a GeoJSON project (images + ``<stem>.geojson``):
+        then pixel sizes come from its ``metadata.json`` and, with ``regions="annotations"``,
+        predictions are limited to its unclassified polygon annotations (images without any
+        are predicted whole).
+    regions
+        ``"annotations"`` or ``"none"``.
+    mpp
+        Pixel size (µm/px) for every image, overriding files and metadata.
+    """
+    if regions not in ("annotations", "none"):
+        raise QpcellError(f"--regions must be 'annotations' or 'none', not {regions!r}")
+    src = Path(source)
+    if src.is_file():
+        split = split_image_name(src.name)
+        if split is None:
+            raise QpcellError("not an image file qpcell reads", src)
+        return [PredictionJob(split[0], src, None, mpp)]
+    if not src.is_dir():
+        raise QpcellError("no such image file or folder", src)
+    images = scan_images(src)
+    if not images:
+        raise QpcellError("the folder holds no images", src)
+    has_geojson = any((src / f"{stem}{ANNOTATION_SUFFIX}").is_file() for stem in images)
+    if not has_geojson:
+        return [PredictionJob(stem, path, None, mpp) for stem, path in images.items()]
+    project = read_project(src, require_images=True)
+    return [PredictionJob(img.name, Path(img.image),
+                          img.regions if (regions == "annotations" and img.regions) else None,
+                          mpp if mpp is not None else img.mpp)
+            for img in project.images]
+
+
+SUMMARY_FILE = "predictions.json"
+
+
+def output_paths(out: Path, name: str) -> dict[str, Path]:
+    """The files written for image ``name`` in ``out``."""
+    return {"geojson": out / f"{name}.geojson", "csv": out / f"{name}.csv",
+            "overlay": out / f"{name}.overlay.png"}
+
+
+def _counts_of_geojson(path: Path, classes: Sequence[CellClass]) -> dict[str, int]:
+    objs = read_geojson(path)
+    counts = {c.name: 0 for c in classes}
+    for name in objs.detection_class:
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: str | Path, *,
+                      overwrite: bool = False, tile_size: int = 512, batch_size: int = 4,
+                      halo: int | None = None, tissue: bool = True, workers: int | None = None,
+                      overlay_max_pixels: int | None = None,
+                      on_event: Callable[[PredictEvent], None] | None = None
+                      ) -> list[ImageResult]:
+    """Predict every job into ``out`` (see "The output folder" in the module notes).
+
+    Raises
+    ------
+    QpcellError
+        Two jobs share a name, or ``out`` holds predictions of another model (and not
+        ``overwrite``).
+    """
+    out = Path(out)
+    dupes = sorted(n for n, k in Counter(j.name for j in jobs).items() if k > 1)
+    if dupes:
+        raise QpcellError(f"several images are named {dupes[0]!r}; their outputs would clash")
+    out.mkdir(parents=True, exist_ok=True)
+    limit = OVERLAY_MAX_PIXELS if overlay_max_pixels is None else overlay_max_pixels
+    summary_path = out / SUMMARY_FILE
+    old = read_json(summary_path) or {}
+    if old and old.get("model") != predictor.name:
+        if not overwrite:
+            raise QpcellError(f"holds predictions of another model ({old.get('model')}); use "
+                              "--overwrite to replace them or another --out folder", out)
+        old = {}
+    summary = {
+        "qpcell_version": __version__,
+        "model": predictor.name,
+        "model_info": predictor.info,
+        "classes": [{"name": c.name, "color": list(c.color)} for c in predictor.classes],
+        "model_mpp": predictor.mpp,
+        "images": dict(old.get("images", {})),
+    }
+    emit = on_event or (lambda event: None)
+    results: list[ImageResult] = []
+    for index, job in enumerate(jobs):
+        paths = output_paths(out, job.name)
+        entry = summary["images"].get(job.name)
+        if paths["geojson"].is_file() and not overwrite:
+            counts = (entry or {}).get("counts")
+            if counts is None:
+                counts = _counts_of_geojson(paths["geojson"], predictor.classes)
+            res = ImageResult(job.name, job.image, counts, skipped=True,
+                              mpp=(entry or {}).get("mpp"),
+                              outputs={k: p for k, p in paths.items() if p.is_file()})
+            results.append(res)
+            emit(PredictEvent("skip", job.name, index, len(jobs), result=res))
+            continue
+        paths["geojson"].unlink(missing_ok=True)  # the done marker goes first
+        t0 = time.perf_counter()
+        warns: list[str] = []
+        with open_slide(job.image, mpp=job.mpp) as slide:
+            if slide.mpp is None and predictor.mpp is not None:
+                warns.append(f"pixel size unknown: taken to be the model's "
+                             f"{predictor.mpp} µm/px (pass --mpp to set it)")
+            plan = plan_tiles(slide, mpp=predictor.mpp, tile_size=tile_size, halo=halo,
+                              reach_px=predictor.reach_px, regions=job.regions, tissue=tissue)
+            emit(PredictEvent("start", job.name, index, len(jobs), 0, len(plan)))
+
+            def tick(done: int, total: int, _name=job.name, _i=index) -> None:
+                emit(PredictEvent("tiles", _name, _i, len(jobs), done, total))
+
+            det = run_plan(slide, plan, predictor.map_fn, predictor.postprocess_fn,
+                           classes=predictor.classes, batch_size=batch_size, workers=workers,
+                           progress=tick)
+            written = {"csv": paths["csv"]}
+            write_csv(paths["csv"], det)
+            if slide.width * slide.height <= limit:
+                write_overlay(paths["overlay"], slide.full_image(), det)
+                written["overlay"] = paths["overlay"]
+            else:
+                paths["overlay"].unlink(missing_ok=True)
+                warns.append(f"no overlay: the image has {slide.width}x{slide.height} px "
+                             f"(overlays only up to {limit:,} px)")
+            write_detections(paths["geojson"], det, mpp=slide.mpp)
+            written["geojson"] = paths["geojson"]
+            res = ImageResult(job.name, job.image, det.counts(), mpp=slide.mpp,
+                              seconds=time.perf_counter() - t0, tiles=len(plan),
+                              outputs=written, warnings=warns)
+            summary["images"][job.name] = {
+                "image": str(job.image), "mpp": slide.mpp, "mpp_source": slide.mpp_source,
+                "size": [slide.width, slide.height], "regions": job.regions is not None,
+                "tiles": len(plan), "tiles_total": plan.n_total, "n_cells": res.n_cells,
+                "counts": res.counts, "seconds": round(res.seconds, 3),
+                "outputs": {k: p.name for k, p in written.items()}, "warnings": warns}
+        write_json(summary_path, summary)
+        results.append(res)
+        emit(PredictEvent("done", job.name, index, len(jobs), len(plan), len(plan), res))
+    if not summary_path.is_file():
+        write_json(summary_path, summary)
+    return results
+
+
+__all__ = ["MapFn", "PostprocessFn", "TilePlan", "plan_tiles", "predict_slide", "run_plan",
+           "default_halo", "Predictor", "PredictionJob", "ImageResult", "PredictEvent",
+           "collect_jobs", "predict_to_folder", "output_paths", "SUMMARY_FILE"]
