@@ -18,12 +18,14 @@ from torch import nn
 
 from qpcell.errors import QpcellError
 from qpcell.models.blocks import count_parameters, glorot_init, gmacs
+from qpcell.models.mtl_ihc import MTLIHC
 from qpcell.models.sdrdin import SDRDIN, VARIANTS
 from qpcell.models.unet import UNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     **{name: partial(SDRDIN, variant=name) for name in VARIANTS},
     "unet": UNet,
+    "mtl-ihc": MTLIHC,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
@@ -58,4 +60,4 @@ def create_model(name: str, n_classes: int, **kwargs) -> nn.Module:
 
 
 __all__ = ["MODELS", "MODEL_NAMES", "register_model", "create_model", "count_parameters",
-           "gmacs", "glorot_init", "SDRDIN", "UNet"]
+           "gmacs", "glorot_init", "SDRDIN", "UNet", "MTLIHC"]
