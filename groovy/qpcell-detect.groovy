@@ -1,0 +1,201 @@
+/*
+ * qpcell-detect.groovy -- detect and classify cells with a qpcell model, inside QuPath.
+ *
+ * QuPath 0.4 to 0.6. Automate > Script editor, open this file, then
+ *   "Run"              for the open image, or
+ *   "Run for project"  for several images (QuPath saves each one after the script).
+ *
+ * Where: the selected annotations; if none is selected, every area annotation; if the image
+ * has none, the whole image (change REGIONS below to fix one of these).
+ * It runs   qpcell predict MODEL IMAGE --out TMP [--regions-file TMP/regions.geojson] [--mpp X]
+ * and imports the cells as detections (class, colour, measurements "qpcell: score" and
+ * "qpcell: p(<class>)"), each inside the annotation that contains it. qpcell's earlier cells
+ * in the same place are removed first; other objects are never touched.
+ * Every line qpcell prints appears in the log below; "Kill running script" stops qpcell.
+ */
+
+import java.nio.file.Files
+import java.nio.file.Paths
+import java.util.concurrent.LinkedBlockingQueue
+import java.util.concurrent.TimeUnit
+
+// ---- settings ---------------------------------------------------------------------------
+// The qpcell program of the Python environment qpcell is installed in, as a full path, e.g.
+// "/home/me/qpcell/.venv/bin/qpcell" or "C:\\Users\\me\\qpcell\\.venv\\Scripts\\qpcell.exe"
+QPCELL = "qpcell"
+// The model folder (written by qpcell train): relative to the project folder, or a full path
+MODEL = "qpcell-model"
+// "auto": selected annotations, else all area annotations, else the whole image;
+// "selected", "all" (area annotations) or "whole" (the whole image) to force one
+REGIONS = "auto"
+// More options for qpcell predict, e.g. ["--device", "cuda"]
+PREDICT_OPTIONS = []
+// -------------------------------------------------------------------------------------------
+
+QPCELL_SCORE = "qpcell: score"
+
+def imageData = getCurrentImageData()
+if (imageData == null)
+    throw new RuntimeException("qpcell: open an image first")
+def server = imageData.getServer()
+def uri = server.getURIs() ? server.getURIs().iterator().next() : null
+def imagePath = localPath(uri)
+if (imagePath == null || !new File(imagePath).isFile())
+    throw new RuntimeException("qpcell: the image file is not on this computer (" + uri + ")")
+def projectDir = getProject() == null ? null : getProject().getPath().getParent().toFile()
+def modelDir = new File(MODEL)
+if (!modelDir.isAbsolute()) {
+    if (projectDir == null)
+        throw new RuntimeException("qpcell: no project open: set MODEL to the model's full path")
+    modelDir = new File(projectDir, MODEL)
+}
+if (!modelDir.exists())
+    throw new RuntimeException("qpcell: no model at " + modelDir + " (run qpcell-train.groovy or set MODEL)")
+
+def regions = chooseRegions(REGIONS)
+def name = getProjectEntry() != null ? getProjectEntry().getImageName() : server.getMetadata().getName()
+println "qpcell: " + name + ": " + (regions ? regions.size() + " annotation(s)" : "the whole image")
+
+def work = Files.createTempDirectory("qpcell-").toFile()
+try {
+    def outDir = new File(work, "out")
+    def regionsFile = new File(work, "regions.geojson")
+    if (regions)
+        exportRegions(regions, regionsFile)
+    def calibration = server.getPixelCalibration()
+    def mpp = calibration.hasPixelSizeMicrons() ? calibration.getAveragedPixelSizeMicrons() : null
+
+    // >>> qpcell command line (tests/test_groovy.py checks that qpcell accepts these options)
+    def predictArgs = ["predict", modelDir.getPath(), imagePath, "--out", outDir.getPath()]
+    if (regions)
+        predictArgs += ["--regions-file", regionsFile.getPath()]
+    if (mpp != null)
+        predictArgs += ["--mpp", mpp.toString()]
+    predictArgs += PREDICT_OPTIONS
+    // <<< qpcell command line
+    runQpcell(predictArgs)
+
+    def results = outDir.listFiles() == null ? [] :
+            outDir.listFiles().findAll { it.getName().toLowerCase().endsWith(".geojson") }
+    if (results.size() != 1)
+        throw new RuntimeException("qpcell: expected one .geojson in " + outDir + ", found " + results.size())
+
+    // replace qpcell's earlier cells: in the chosen annotations, or all of them for the whole image
+    def old = getDetectionObjects().findAll { isQpcell(it) && (!regions || insideAny(it, regions)) }
+    removeObjects(old, true)
+    int before = getDetectionObjects().size()
+    importObjectsFromFile(results[0].getPath())
+    resolveHierarchy()
+    int added = getDetectionObjects().size() - before
+    println "qpcell: " + name + ": " + added + " cells added, " + old.size() + " earlier qpcell cells replaced"
+} finally {
+    work.deleteDir()
+}
+
+
+// ---- helpers (the same in qpcell-train.groovy) ------------------------------------------
+
+/** The annotations to predict in, by the REGIONS setting ([] = the whole image). */
+List chooseRegions(String mode) {
+    def areas = { objs -> objs.findAll { it.isAnnotation() && it.getROI() != null && it.getROI().isArea() } }
+    def selected = areas(getSelectedObjects() ?: [])
+    def all = areas(getAnnotationObjects())
+    if (mode == "selected") {
+        if (!selected)
+            throw new RuntimeException("qpcell: REGIONS is \"selected\" but no area annotation is selected")
+        return selected
+    }
+    if (mode == "all")
+        return all
+    if (mode == "whole")
+        return []
+    if (mode != "auto")
+        throw new RuntimeException("qpcell: REGIONS must be auto, selected, all or whole, not " + mode)
+    return selected ?: all
+}
+
+/** Write the regions as unclassified annotations (qpcell reads those as regions); the
+ *  user's annotations themselves are not touched. */
+void exportRegions(List regions, File file) {
+    def pathObjects = Class.forName("qupath.lib.objects.PathObjects", true, getClass().getClassLoader())
+    def plain = regions.collect { pathObjects.createAnnotationObject(it.getROI()) }
+    exportObjectsToGeoJson(plain, file.getPath(), "FEATURE_COLLECTION")
+}
+
+boolean isQpcell(obj) {
+    return obj.getMeasurementList().getMeasurementNames().contains(QPCELL_SCORE)
+}
+
+static boolean insideAny(obj, List regions) {
+    def roi = obj.getROI()
+    double x = roi.getCentroidX(), y = roi.getCentroidY()
+    return regions.any { it.getROI().contains(x, y) }
+}
+
+/** The local file of a file: URI, or null. */
+static String localPath(uri) {
+    if (uri == null || !"file".equalsIgnoreCase(uri.getScheme()))
+        return null
+    try {
+        return Paths.get(uri).toString()
+    } catch (Exception ignored) {
+        return null
+    }
+}
+
+/** Run qpcell with these arguments, every output line to the log; cancellable. */
+void runQpcell(List args) {
+    List<String> command = [QPCELL.toString()] + args.collect { it.toString() }
+    println "qpcell: running " + command.join(" ")
+    def builder = new ProcessBuilder(command)
+    builder.redirectErrorStream(true)
+    def env = builder.environment()
+    env.put("PYTHONUNBUFFERED", "1")
+    env.put("PYTHONIOENCODING", "utf-8")
+    env.put("NO_COLOR", "1")
+    env.put("COLUMNS", "120")
+    def process
+    try {
+        process = builder.start()
+    } catch (IOException e) {
+        throw new RuntimeException("qpcell: cannot start '" + QPCELL + "' (" + e.getMessage() +
+                "); set QPCELL at the top of this script to the full path of qpcell")
+    }
+    def queue = new LinkedBlockingQueue<String>()
+    def reader = Thread.start {
+        process.getInputStream().withReader("UTF-8") { r ->
+            String line
+            while ((line = r.readLine()) != null)
+                queue.put(line)
+        }
+    }
+    def tail = new LinkedList<String>()
+    def show = { String line ->
+        println line
+        tail.add(line)
+        if (tail.size() > 5)
+            tail.removeFirst()
+    }
+    try {
+        while (process.isAlive() || reader.isAlive()) {
+            if (Thread.currentThread().isInterrupted())
+                throw new InterruptedException()
+            String line = queue.poll(100, TimeUnit.MILLISECONDS)
+            if (line != null)
+                show(line)
+        }
+        reader.join()
+    } catch (InterruptedException ignored) {
+        process.descendants().toArray().each { it.destroyForcibly() }
+        process.destroyForcibly()
+        Thread.currentThread().interrupt()
+        throw new RuntimeException("qpcell: cancelled; the qpcell process was stopped")
+    }
+    String rest
+    while ((rest = queue.poll()) != null)
+        show(rest)
+    int code = process.waitFor()
+    if (code != 0)
+        throw new RuntimeException("qpcell " + args[0] + " failed (exit code " + code + "): " +
+                (tail ? tail.join(" | ") : "no output"))
+}

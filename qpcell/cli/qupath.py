@@ -1,0 +1,107 @@
+"""``qpcell annotate-back``: write ``qpcell predict`` detections into a QuPath project."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from qpcell.annotate import AnnotateReport, annotate_back, rgb_hex
+from qpcell.cli._app import app, console
+
+DRY_RUN_NOTE = "dry run: nothing was written"
+
+
+def split_names(value: str | Sequence[str] | None) -> list[str] | None:
+    """``--images a.svs,b.svs`` (or repeated) as a list; ``None`` when not given."""
+    if not value:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    names = [n.strip() for item in items for n in item.split(",") if n.strip()]
+    return names or None
+
+
+def print_annotate_report(report: AnnotateReport) -> None:
+    """The tables and notes ``annotate-back`` prints (also for ``predict --project``)."""
+    title = ("Would write (dry run)" if report.dry_run else "Written") + f" into {report.project}"
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("image", "left"), ("file", "left"), ("cells", "right"),
+                          ("per class", "left"), ("replaced", "right"), ("kept", "right"),
+                          ("status", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for r in report.results:
+        per_class = "\n".join(f"{k} {v}" for k, v in r.counts.items() if v)
+        table.add_row(r.name, r.prediction.name, str(r.added), per_class or "-",
+                      "?" if r.removed is None else str(r.removed),
+                      "?" if r.kept is None else str(r.kept), r.status)
+    console.print(table)
+    console.print("cells: new qpcell detections; replaced: qpcell's earlier detections "
+                  "removed; kept: other detections left as they were", style="dim",
+                  highlight=False)
+    if report.classes:
+        classes = Table(title="Classes", title_justify="left")
+        classes.add_column("class", overflow="fold")
+        classes.add_column("colour")
+        classes.add_column("in project")
+        new = {c.name for c in report.new_classes}
+        for c in report.classes:
+            hexa = rgb_hex(c.color)
+            classes.add_row(c.name, f"[{hexa}]■[/] {hexa}",
+                            ("added" if not report.dry_run else "will be added")
+                            if c.name in new else "yes")
+        console.print(classes)
+    if report.backup is not None:
+        console.print(f"backup of the changed image data: {report.backup}", highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if report.dry_run:
+        console.print(DRY_RUN_NOTE)
+
+
+def run_annotate_back(predictions: Path, project: Path, *, images: list[str] | None = None,
+                      dry_run: bool = False, shape: str = "circle", radius_um: float = 4.0,
+                      image_root: list[str] | None = None) -> AnnotateReport:
+    """Write a folder of predictions into ``project`` and print what happened.
+
+    This is what ``annotate-back`` runs; a command that predicts first (``--model``) calls
+    it with its output folder.
+    """
+    report = annotate_back(predictions, project, images=images, dry_run=dry_run, shape=shape,
+                           radius_um=radius_um, image_root=image_root or None)
+    print_annotate_report(report)
+    return report
+
+
+@app.command("annotate-back")
+def annotate_back_command(
+    predictions: Annotated[Path, typer.Argument(
+        help="Output folder of qpcell predict (<image>.geojson per image).")],
+    project: Annotated[Path, typer.Argument(
+        help="QuPath project: project.qpproj or its folder.")],
+    images: Annotated[list[str] | None, typer.Option(
+        "--images", help="Only these images (name, or name without extension); "
+        "comma-separated or repeated.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show what would change, write nothing (works without "
+        "QuPath).")] = False,
+    shape: Annotated[str, typer.Option(
+        "--shape", help="Detection outline: circle or point.")] = "circle",
+    radius_um: Annotated[float, typer.Option(
+        "--radius-um", help="Circle radius in µm.")] = 4.0,
+    image_root: Annotated[list[str] | None, typer.Option(
+        "--image-root", help="OLD=NEW prefix to remap moved images (repeatable).")] = None,
+) -> None:
+    """Write detected cells into a QuPath project as classified detections.
+
+    Each cell becomes a detection with its class, the class colour and the
+    measurements 'qpcell: score' and 'qpcell: p(<class>)', placed inside the
+    annotation that contains it. A rerun replaces qpcell's earlier detections
+    on that image and nothing else. The image data is backed up to
+    <project>/qpcell-backups/ first. Needs QuPath (found through paquo);
+    without it, run groovy/qpcell-detect.groovy inside QuPath instead.
+    """
+    run_annotate_back(predictions, project, images=split_names(images), dry_run=dry_run,
+                      shape=shape, radius_um=radius_um, image_root=image_root)
