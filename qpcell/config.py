@@ -95,9 +95,11 @@ class MTLConfig:
     lr: float = 1e-3  # MTL-IHC 3.1: initial learning rate 0.001
     weight_decay: float = 2e-5  # MTL-IHC 3.1: weight decay 2e-5
     prior_epochs: int = 10  # MTL-IHC 3.1: pre-trained model stopped early at 10 epochs
-    circle_radius_px: float = 4.0  # MTL-IHC 2.1: fixed-size circle (size not given; ~a nucleus at 0.5 µm/px)
-    dynamic_radius_px: tuple[float, float] = (2.0, 7.0)  # MTL-IHC 2.2: random size (range not given)
-    dynamic_vertices: tuple[int, int] = (3, 9)  # MTL-IHC 2.2: random polygon (range not given)
+    # MTL-IHC 2.1: a fixed-size circle per cell; its size and the dynamic ranges are not given
+    circle_radius_px: float = 4.0  # about a nucleus at 0.5 µm/px
+    dynamic_radius_px: tuple[float, float] = (2.0, 7.0)  # MTL-IHC 2.2: random size
+    dynamic_vertices: tuple[int, int] = (3, 9)  # MTL-IHC 2.2: random polygon
+    mpp: float = 0.5  # the scale of the pixel constants above
     backbone: str = "resnet18"  # MTL-IHC 3.1 uses resnet101; lighter default for CPUs
     aux: tuple[str, ...] = ("dynamic", "prior")  # MTL-IHC Table 1: Ours++ (full framework)
 

@@ -43,7 +43,8 @@ def default_color(index: int) -> RGB:
     return (round(r * 255), round(g * 255), round(b * 255))
 
 
-def make_classes(names: Sequence[str], colors: Sequence[RGB | None] | None = None) -> tuple[CellClass, ...]:
+def make_classes(names: Sequence[str],
+                 colors: Sequence[RGB | None] | None = None) -> tuple[CellClass, ...]:
     """Build a class list from names, filling missing colours with :func:`default_color`.
 
     Raises

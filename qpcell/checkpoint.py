@@ -1,0 +1,220 @@
+"""Model folders: self-describing, safe to load from strangers.
+
+A model is a folder (like StarDist's): ``config.json`` says everything needed to rebuild and
+use the model (architecture, classes and colours, µm/px, mask and post-processing settings,
+tuned threshold, training summary, qpcell version) and ``weights.safetensors`` holds the
+tensors. Nothing is unpickled, so a checkpoint from someone else cannot run code.
+A "pipeline" (separate detection + classification models) holds one such folder per part.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from qpcell import __version__
+from qpcell.config import PostprocessConfig, from_dict, to_dict
+from qpcell.device import pick_device
+from qpcell.errors import QpcellError
+from qpcell.inference import model_maps
+from qpcell.io.atomic import atomic_write_bytes, atomic_write_text
+from qpcell.points import CellClass, Detections
+
+FORMAT = "qpcell-model"
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+WEIGHTS = "weights.safetensors"
+
+
+def save_model(folder: str | Path, model: torch.nn.Module, meta: dict) -> Path:
+    """Write ``model`` and its description ``meta`` to ``folder`` (weights first, atomically).
+
+    ``meta`` must hold ``classes`` (list of {name, color}), ``mpp``, ``postprocess_kind`` and
+    ``postprocess``; the model's own ``spec()`` and the format header are added here.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(folder / WEIGHTS, save(state))
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "qpcell_version": __version__,
+              "kind": "single", "model": model.spec(), **meta}
+    atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, allow_nan=False))
+    return folder
+
+
+def save_pipeline(folder: str | Path, parts: dict[str, Path], meta: dict) -> Path:
+    """Describe a pipeline of separately trained models (sub-folders of ``folder``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "qpcell_version": __version__,
+              "kind": "pipeline",
+              "components": {k: str(Path(v).relative_to(folder)) for k, v in parts.items()},
+              **meta}
+    atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, allow_nan=False))
+    return folder
+
+
+def read_config(folder: str | Path) -> dict:
+    """The validated ``config.json`` of a model folder."""
+    folder = Path(folder)
+    path = folder / CONFIG if folder.is_dir() else folder
+    if not path.exists():
+        raise QpcellError("not a qpcell model (no config.json; pass the model folder "
+                          "that `qpcell train --out` wrote)", folder)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise QpcellError(f"corrupt model description ({err})", path) from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise QpcellError("not a qpcell model description", path)
+    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+        raise QpcellError(f"written by a newer qpcell ({config.get('qpcell_version')}); "
+                          f"upgrade qpcell to load it", path)
+    for key in ("classes", "postprocess_kind", "postprocess"):
+        if key not in config:
+            raise QpcellError(f"model description lacks {key!r}", path)
+    return config
+
+
+def _load_module(folder: Path, config: dict, device: torch.device) -> torch.nn.Module:
+    from qpcell.models import create_model
+
+    spec = dict(config.get("model") or {})
+    name = spec.pop("name", None)
+    if name is None:
+        raise QpcellError("model description has no model name", folder / CONFIG)
+    try:
+        model = create_model(name, **spec)
+    except (TypeError, ValueError, KeyError) as err:
+        raise QpcellError(f"cannot build model {name!r} ({err})", folder / CONFIG) from None
+    path = folder / WEIGHTS
+    if not path.exists():
+        raise QpcellError("model weights are missing", path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QpcellError(f"corrupt model weights ({err})", path) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise QpcellError(f"weights do not fit model {name!r}: {first}", path) from None
+    return model.to(device).eval()
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model with everything needed to turn tiles into cells.
+
+    Attributes
+    ----------
+    classes
+        The model's cell classes.
+    mpp
+        µm per pixel the model works at, ``None`` when trained at the images' native scale.
+    postprocess
+        Post-processing settings at ``mpp`` (threshold tuned on validation).
+    postprocess_kind
+        ``"sdrdin"`` (detection map -> components -> peaks) or ``"peaks"`` (class-map peaks).
+    """
+
+    path: Path
+    meta: dict
+    classes: tuple[CellClass, ...]
+    mpp: float | None
+    postprocess: PostprocessConfig
+    postprocess_kind: str
+    device: torch.device
+    models: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        if self.meta.get("kind") == "pipeline":
+            return "separate (" + " + ".join(
+                m.spec()["name"] for m in self.models.values()) + ")"
+        return self.meta["model"]["name"]
+
+    def predict_maps(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probability maps for a batch of RGB tiles.
+
+        Parameters
+        ----------
+        tiles
+            ``(B, H, W, 3)`` uint8 RGB.
+
+        Returns
+        -------
+        det : (B, H, W) float32 detection probability
+        cls : (B, C, H, W) float32 class probabilities, or None for a detection-only model
+        """
+        if "detection" in self.models:
+            det, _ = model_maps(self.models["detection"], tiles, self.device)
+            _, cls = model_maps(self.models["classification"], tiles, self.device)
+            return det, cls
+        return model_maps(self.models["model"], tiles, self.device)
+
+    def to_detections(self, det: np.ndarray, cls: np.ndarray | None) -> Detections:
+        """Cells from one tile's maps ((H, W) and (C, H, W)), in the maps' pixels."""
+        from qpcell.postprocess import postprocess_peaks, postprocess_sdrdin
+
+        if self.postprocess_kind == "peaks":
+            peaks = self.meta.get("peaks", {})
+            return postprocess_peaks(cls, threshold=float(peaks.get("threshold", 0.5)),
+                                     min_distance_px=float(peaks.get("min_distance_px", 3)),
+                                     classes=self.classes)
+        return postprocess_sdrdin(det, cls, self.postprocess, self.classes)
+
+
+def classes_from_meta(items: list[dict]) -> tuple[CellClass, ...]:
+    """Class list from ``[{name, color}, ...]``."""
+    return tuple(CellClass(c["name"], tuple(c["color"])) for c in items)
+
+
+def classes_to_meta(classes) -> list[dict]:
+    """``[{name, color}, ...]`` for a class list."""
+    return [{"name": c.name, "color": list(c.color)} for c in classes]
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None) -> ModelBundle:
+    """Load a model folder written by ``qpcell train`` (weights via safetensors only).
+
+    Raises
+    ------
+    QpcellError
+        If the folder is not a qpcell model, or its files are corrupt or do not match.
+    """
+    folder = Path(path)
+    config = read_config(folder)
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    models: dict[str, torch.nn.Module] = {}
+    if config.get("kind") == "pipeline":
+        for part, sub in (config.get("components") or {}).items():
+            sub_folder = folder / sub
+            models[part] = _load_module(sub_folder, read_config(sub_folder), device)
+        if set(models) != {"detection", "classification"}:
+            raise QpcellError("a pipeline needs a detection and a classification model",
+                              folder / CONFIG)
+    else:
+        models["model"] = _load_module(folder, config, device)
+    try:
+        classes = classes_from_meta(config["classes"])
+        post = from_dict(PostprocessConfig, config["postprocess"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise QpcellError(f"bad model description ({err})", folder / CONFIG) from None
+    mpp = config.get("mpp")
+    if mpp is not None and not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
+        raise QpcellError(f"bad pixel size {mpp!r}", folder / CONFIG)
+    return ModelBundle(folder, config, classes, mpp, post, config["postprocess_kind"], device,
+                       models)
+
+
+def postprocess_meta(post: PostprocessConfig) -> dict:
+    """JSON form of a post-processing config."""
+    return to_dict(post)

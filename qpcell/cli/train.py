@@ -1,0 +1,215 @@
+"""``qpcell train``: point annotations -> a model folder."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from qpcell.cli._app import app, console, err_console
+from qpcell.config import PAPER_MPP, MaskConfig, PatchConfig, TrainConfig
+from qpcell.errors import QpcellError
+from qpcell.train import EpochSummary, TrainCallbacks, TrainResult
+
+SEPARATE = "separate"
+MTL = "mtl-ihc"
+
+
+class RichCallbacks(TrainCallbacks):
+    """A progress bar over all batches of all epochs, with loss, validation F1 and ETA."""
+
+    def __init__(self, progress: Progress, label: str) -> None:
+        self.progress = progress
+        self.label = label
+        self.task = None
+        self.val = "-"
+
+    def on_start(self, epochs: int, batches_per_epoch: int, start_epoch: int) -> None:
+        total = (epochs - start_epoch + 1) * batches_per_epoch
+        self.task = self.progress.add_task(self.label, total=total, info="")
+
+    def on_batch(self, epoch: int, step: int, loss: float) -> None:
+        self.progress.update(self.task, advance=1,
+                             info=f"epoch {epoch} loss {loss:.4f} val F1 {self.val}")
+
+    def on_epoch(self, summary: EpochSummary) -> None:
+        self.val = f"{summary.val_f1:.3f}"
+        star = " *" if summary.best else ""
+        self.progress.console.print(
+            f"epoch {summary.epoch:3d}  loss {summary.loss:.4f}  val F1 {summary.val_f1:.3f}  "
+            f"class F1 {summary.val_class_f1:.3f}  thr {summary.threshold:.2f}  "
+            f"{summary.seconds:.0f}s{star}", highlight=False)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+def parse_mpp(value: str | None) -> float | None:
+    """``--model-mpp``: a positive number, or ``native`` (None)."""
+    if value is None or value.lower() == "native":
+        return None
+    try:
+        mpp = float(value)
+    except ValueError:
+        raise QpcellError(f"--model-mpp {value!r} is neither a number nor 'native'") from None
+    if not mpp > 0:
+        raise QpcellError(f"--model-mpp {value!r} must be positive")
+    return mpp
+
+
+def run_training(source_classes, images, out: Path, model: str, *, show: bool = True,
+                 **kwargs) -> TrainResult:
+    """Train one model (or the separate detection + classification pipeline) with progress."""
+    from qpcell.checkpoint import read_config, save_pipeline
+    from qpcell.train import train
+
+    with _progress() if show else _NoProgress() as progress:
+        if model == MTL:
+            from qpcell.mtl import train_mtl
+
+            return train_mtl(images, source_classes, out,
+                             callbacks=RichCallbacks(progress, model) if show else None,
+                             **kwargs)
+        if model != SEPARATE:
+            return train(images, source_classes, out, model_name=model,
+                         callbacks=RichCallbacks(progress, model) if show else None, **kwargs)
+        results = {}
+        for part, name in (("detection", "drdin-detection"),
+                           ("classification", "drdin-classification")):
+            results[part] = train(images, source_classes, out / part, model_name=name,
+                                  callbacks=RichCallbacks(progress, name) if show else None,
+                                  **kwargs)
+    det_cfg = read_config(out / "detection")
+    meta = {k: det_cfg[k] for k in ("classes", "mpp", "mask", "postprocess_kind", "postprocess")}
+    meta["training"] = {part: read_config(out / part)["training"] for part in results}
+    save_pipeline(out, {p: out / p for p in results}, meta)
+    det, cls = results["detection"], results["classification"]
+    return TrainResult(out, det.history + cls.history, det.best_epoch, det.val_f1,
+                       cls.val_class_f1, det.train_images, det.val_images,
+                       det.n_patches + cls.n_patches, det.seconds + cls.seconds)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+@app.command("train")
+def train_command(
+    source: Path = typer.Argument(..., help="GeoJSON project folder, or a QuPath project "
+                                  "(project.qpproj)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
+    model: str = typer.Option("s-drdin", "--model", "-m",
+                              help="s-drdin, s-drdin-gradient, drdin-detection, "
+                                   "drdin-classification, unet, mtl-ihc, or 'separate' "
+                                   "(drdin-detection + drdin-classification)."),
+    epochs: int = typer.Option(TrainConfig.epochs, help="Epochs (S-DRDIN: 100)."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, help="Patches per batch (S-DRDIN: 4)."),
+    lr: float = typer.Option(TrainConfig.lr, help="Adam learning rate (S-DRDIN: 1e-3)."),
+    seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
+    mpp: float | None = typer.Option(None, help="Pixel size (µm/px) of images that do not "
+                                     "carry one."),
+    model_mpp: str = typer.Option(str(PAPER_MPP), help="µm/px the model works at "
+                                  "(S-DRDIN: 0.44), or 'native' to keep each image's scale."),
+    base: int | None = typer.Option(None, help="Network width (S-DRDIN: 16)."),
+    val_images: str | None = typer.Option(None, help="Comma-separated image names to validate "
+                                          "on (default: a seeded 30% of the images)."),
+    images: str | None = typer.Option(None, help="Comma-separated image names to use."),
+    disc_radius: float = typer.Option(MaskConfig.disc_radius_px, help="Label disc radius, px at "
+                                      "0.44 µm/px (S-DRDIN: 2); at native scale in native px."),
+    match_radius: float | None = typer.Option(None, help="Validation matching radius in px at "
+                                              "the model's scale (default 10 px at 0.44 µm/px)."),
+    patch_size: int = typer.Option(PatchConfig.size, help="Patch side in px (S-DRDIN: 224)."),
+    stride: int = typer.Option(PatchConfig.stride, help="Patch stride in px (S-DRDIN: 120)."),
+    background_fraction: float = typer.Option(PatchConfig.background_fraction,
+                                              help="Share of cell-free patches kept."),
+    rotate90: bool = typer.Option(False, help="Also augment with 90-degree rotations."),
+    max_steps: int | None = typer.Option(None, help="At most this many batches per epoch."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, mps (default: best "
+                                      "available)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
+    image_root: list[str] = typer.Option([], help="OLD=NEW prefix to remap moved images of "
+                                         "a QuPath project (repeatable)."),
+    aux: str = typer.Option("dynamic,prior", help="mtl-ihc auxiliary decoders: 'none' (paper "
+                            "003 'Ours'), 'dynamic' ('Ours+'), 'dynamic,prior' ('Ours++')."),
+    prior_classes: str | None = typer.Option(None, help="mtl-ihc: class(es) that grow in "
+                                             "clusters, learnt as the tissue prior (default: "
+                                             "the most clustered class)."),
+    backbone: str = typer.Option("resnet18", help="mtl-ihc ResNet backbone: resnet18/34/50/"
+                                 "101 (paper 003: resnet101)."),
+    prior_epochs: int = typer.Option(10, help="mtl-ihc: epochs of the early-stopped prior "
+                                     "model (paper 003: 10)."),
+) -> None:
+    """Train a cell detection + classification model on point annotations."""
+    from qpcell.io.sources import load_source
+
+    model_mpp_value = parse_mpp(model_mpp)
+    if patch_size % 16 or patch_size < 32:
+        raise QpcellError(f"--patch-size {patch_size} must be a multiple of 16, at least 32")
+    if not 0 < stride <= patch_size:
+        raise QpcellError(f"--stride {stride} must be between 1 and --patch-size")
+    if epochs < 1 or batch_size < 1:
+        raise QpcellError("--epochs and --batch-size must be at least 1")
+    roots = {}
+    for item in image_root:
+        if "=" not in item:
+            raise QpcellError(f"--image-root {item!r} must look like OLD=NEW")
+        old, new = item.split("=", 1)
+        roots[old] = new
+    notes: list[str] = []
+    classes, annotated = load_source(source, images=images.split(",") if images else None,
+                                     image_root=roots or None, notes=notes)
+    for note in notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"[bold]{len(annotated)}[/] images, "
+                  f"{sum(len(a) for a in annotated)} points, classes: "
+                  + ", ".join(c.name for c in classes), highlight=False)
+    kwargs: dict = {}
+    if model == MTL:
+        from qpcell.config import MTLConfig
+
+        kwargs["aux"] = () if aux.strip().lower() == "none" else tuple(
+            a.strip() for a in aux.split(",") if a.strip())
+        kwargs["prior_classes"] = prior_classes.split(",") if prior_classes else None
+        kwargs["backbone"] = backbone
+        kwargs["mtl_cfg"] = replace(MTLConfig(), prior_epochs=prior_epochs)
+    else:
+        kwargs["mask_cfg"] = replace(MaskConfig(), disc_radius_px=disc_radius)
+        if base is not None:
+            kwargs["model_kwargs"] = {"base": base}
+    result = run_training(
+        classes, annotated, out, model,
+        model_mpp=model_mpp_value, fallback_mpp=mpp,
+        train_cfg=replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
+        patch_cfg=replace(PatchConfig(), size=patch_size, stride=stride,
+                          background_fraction=background_fraction, rotate90=rotate90),
+        match_radius_px=match_radius,
+        val_names=val_images.split(",") if val_images else None,
+        device=device, resume=resume, max_steps_per_epoch=max_steps, **kwargs)
+    table = Table(title="Training done")
+    table.add_column("")
+    table.add_column("")
+    table.add_row("model folder", str(result.model_dir))
+    table.add_row("best epoch", str(result.best_epoch))
+    table.add_row("validation detection F1", f"{result.val_f1:.3f}")
+    table.add_row("validation classification F1 (weighted)", f"{result.val_class_f1:.3f}")
+    table.add_row("train / validation images",
+                  f"{len(result.train_images)} / {len(result.val_images)}")
+    table.add_row("time", f"{result.seconds / 60:.1f} min")
+    console.print(table)

@@ -1,0 +1,115 @@
+"""The commands a user runs, end to end on tiny synthetic projects: train, predict, demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qpcell.io.geojson import read_geojson
+from qpcell.synthetic import write_synthetic_project
+
+TINY = ("--epochs", "1", "--max-steps", "2", "--patch-size", "64", "--stride", "64",
+        "--model-mpp", "native", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    write_synthetic_project(root, 3, (96, 96), 3, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(project, tmp_path_factory):
+    from qpcell.cli import main
+
+    out = tmp_path_factory.mktemp("model") / "m"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(project), "--out", str(out), "--base", "4", *TINY])
+    assert exc.value.code == 0
+    return out
+
+
+def test_train_writes_a_self_describing_model(model):
+    config = json.loads((model / "config.json").read_text())
+    assert config["model"]["name"] == "s-drdin" and config["model"]["base"] == 4
+    assert [c["name"] for c in config["classes"]] == ["CD8+", "CD4+", "FOXP3+"]
+    assert config["mpp"] is None and config["postprocess_kind"] == "sdrdin"
+    assert (model / "weights.safetensors").stat().st_size > 1000
+    assert (model / "train_log.txt").read_text().startswith("epoch 1 ")
+
+
+def test_predict_writes_outputs_and_skips_finished_images(cli, model, project, tmp_path):
+    out = tmp_path / "pred"
+    code, stdout, _ = cli("predict", model, project, "--out", out, "--device", "cpu")
+    assert code == 0, stdout
+    names = sorted(p.name for p in out.iterdir())
+    for i in range(3):
+        assert f"synthetic-00{i}.geojson" in names and f"synthetic-00{i}.csv" in names
+    assert "predictions.json" in names
+    objs = read_geojson(out / "synthetic-000.geojson")
+    assert len(objs.detection_xy) == len(objs.detection_class)
+    before = (out / "synthetic-000.geojson").stat().st_mtime_ns
+    code, stdout, _ = cli("predict", model, project, "--out", out, "--device", "cpu")
+    assert code == 0 and "skipped" in stdout
+    assert (out / "synthetic-000.geojson").stat().st_mtime_ns == before
+
+
+def test_separate_models_train_and_predict_as_one(cli, project, tmp_path):
+    out = tmp_path / "sep"
+    code, stdout, stderr = cli("train", project, "--out", out, "--model", "separate",
+                               "--base", "4", *TINY)
+    assert code == 0, stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["kind"] == "pipeline"
+    assert set(config["components"]) == {"detection", "classification"}
+    code, stdout, stderr = cli("predict", out, project, "--out", tmp_path / "p", "--device",
+                               "cpu")
+    assert code == 0, stderr
+    assert "separate (drdin-detection + drdin-classification)" in stdout
+
+
+def test_mtl_ihc_trains_from_the_command_line(cli, project, tmp_path):
+    out = tmp_path / "mtl"
+    code, _, stderr = cli("train", project, "--out", out, "--model", "mtl-ihc", "--aux",
+                          "dynamic", "--backbone", "resnet18", *TINY)
+    assert code == 0, stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["name"] == "mtl-ihc" and config["model"]["aux"] == []
+    assert config["mtl"]["aux_trained"] == ["dynamic"]
+    assert config["postprocess_kind"] == "peaks"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train", "nowhere", "--out", "m"), "no such file or folder"),
+    (("train", ".", "--out", "m", "--patch-size", "100"), "multiple of 16"),
+    (("predict", "nowhere", "nowhere", "--out", "o"), "not a qpcell model"),
+])
+def test_bad_input_is_one_line_and_exit_1(cli, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = cli(*args)
+    assert code == 1
+    assert message in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from qpcell.errors import QpcellError
+
+    with pytest.raises(QpcellError):
+        cli("--debug", "predict", "nowhere", "nowhere", "--out", "o")
+
+
+def test_demo_runs_end_to_end(cli, tmp_path):
+    out = tmp_path / "demo"
+    code, stdout, stderr = cli("demo", "--out", out, "--epochs", "1", "--train-images", "2",
+                               "--test-images", "1", "--device", "cpu")
+    assert code == 0, stderr
+    assert (out / "model" / "config.json").exists()
+    assert (out / "predictions" / "test-000.geojson").exists()
+    assert (out / "predictions" / "test-000.overlay.png").exists()
+    scores = json.loads((out / "evaluation.json").read_text())
+    assert 0 <= scores["detection"]["f1"] <= 1
+    assert "detection F1" in stdout

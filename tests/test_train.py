@@ -1,0 +1,159 @@
+"""Training loop, checkpoints and resume, on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from qpcell.checkpoint import load_model, read_config
+from qpcell.config import PatchConfig, TrainConfig
+from qpcell.errors import QpcellError
+from qpcell.metrics import score_dataset
+from qpcell.synthetic import synthetic_dataset
+from qpcell.train import (
+    TrainCallbacks,
+    TrainImage,
+    TrainingInterrupted,
+    split_names,
+    train,
+)
+
+PATCH = replace(PatchConfig(), size=96, stride=64, background_fraction=0.0)
+
+
+def tiny_data(n: int = 3, size: int = 128, seed: int = 0):
+    pairs = synthetic_dataset(n, (size, size), 3, seed=seed)
+    classes = pairs[0][0].classes
+    prepared = [TrainImage(a.name, im, a.xy, a.labels, None) for a, im in pairs]
+    return classes, prepared
+
+
+def test_split_is_seeded_by_image_and_seven_to_three():
+    names = [f"im{i}" for i in range(10)]
+    train_a, val_a = split_names(names, 0.3, seed=1)
+    train_b, val_b = split_names(names, 0.3, seed=1)
+    assert (train_a, val_a) == (train_b, val_b)
+    assert len(val_a) == 3 and len(train_a) == 7
+    assert not set(train_a) & set(val_a)
+    assert any(split_names(names, 0.3, seed=k)[1] != val_a for k in (2, 3))
+    tr, va = split_names(names, 0.3, seed=0, val_names=["im4", "im9"])
+    assert va == ["im4", "im9"] and len(tr) == 8
+    with pytest.raises(QpcellError, match="im11"):
+        split_names(names, 0.3, seed=0, val_names=["im11"])
+
+
+class Recorder(TrainCallbacks):
+    def __init__(self, stop_at: tuple[int, int] | None = None):
+        self.losses: list[tuple[int, float]] = []
+        self.stop_at = stop_at
+
+    def on_batch(self, epoch, step, loss):
+        if self.stop_at == (epoch, step):
+            raise KeyboardInterrupt
+        self.losses.append((epoch, loss))
+
+
+def test_training_loss_falls_and_model_finds_its_cells(tmp_path):
+    torch.manual_seed(0)
+    classes, data = tiny_data(8, 128)
+    rec = Recorder()
+    result = train([], classes, tmp_path / "m", model_name="s-drdin",
+                   model_kwargs={"base": 8}, model_mpp=None, prepared=data,
+                   train_cfg=replace(TrainConfig(), epochs=20, batch_size=4, seed=0),
+                   patch_cfg=PATCH, val_names=[data[0].name], callbacks=rec, device="cpu")
+    first = np.mean([v for e, v in rec.losses if e == 1])
+    last = np.mean([v for e, v in rec.losses if e == 20])
+    assert last < 0.5 * first
+    bundle = load_model(result.model_dir, device="cpu")
+    found = []
+    for d in data[1:]:  # the images it was trained on
+        det, cls = bundle.predict_maps(d.pixels[None])
+        found.append(bundle.to_detections(det[0], cls[0]))
+    report = score_dataset(list(zip(found, data[1:], strict=True)), [c.name for c in classes],
+                           5.0)
+    assert report.detection.f1 > 0.85, report.detection
+    config = read_config(result.model_dir)
+    assert config["training"]["epoch"] == result.best_epoch
+    assert 0 < config["postprocess"]["threshold"] < 1
+    assert [c["name"] for c in config["classes"]] == [c.name for c in classes]
+    log = (result.model_dir / "train_log.txt").read_text().splitlines()
+    assert len(log) == 20 and log[0].startswith("epoch 1 loss")
+
+
+def test_training_is_reproducible_on_cpu(tmp_path):
+    classes, data = tiny_data(2, 96)
+    runs = []
+    for k in range(2):
+        rec = Recorder()
+        train([], classes, tmp_path / f"m{k}", model_kwargs={"base": 4}, model_mpp=None,
+              prepared=data, train_cfg=replace(TrainConfig(), epochs=1, seed=3),
+              patch_cfg=PATCH, callbacks=rec, device="cpu", max_steps_per_epoch=3)
+        runs.append([v for _, v in rec.losses])
+    assert runs[0] == runs[1]
+
+
+def test_ctrl_c_saves_resumable_state_and_resume_finishes(tmp_path):
+    classes, data = tiny_data(2, 96)
+    kwargs = dict(model_kwargs={"base": 4}, model_mpp=None, prepared=data,
+                  train_cfg=replace(TrainConfig(), epochs=3, seed=0), patch_cfg=PATCH,
+                  device="cpu", max_steps_per_epoch=2)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train([], classes, tmp_path / "m", callbacks=Recorder(stop_at=(2, 1)), **kwargs)
+    assert (tmp_path / "m" / "resume.pt").exists()
+    assert len((tmp_path / "m" / "train_log.txt").read_text().splitlines()) == 1
+    rec = Recorder()
+    result = train([], classes, tmp_path / "m", callbacks=rec, resume=True, **kwargs)
+    assert {e for e, _ in rec.losses} == {2, 3}
+    assert [h.epoch for h in result.history] == [1, 2, 3]
+
+
+def test_resume_without_state_is_a_clear_error(tmp_path):
+    classes, data = tiny_data(1, 96)
+    with pytest.raises(QpcellError, match="nothing to resume"):
+        train([], classes, tmp_path / "m", model_mpp=None, prepared=data, resume=True,
+              device="cpu")
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    classes, data = tiny_data(1, 96)
+    train([], classes, tmp_path / "m", model_kwargs={"base": 4}, model_mpp=None, prepared=data,
+          train_cfg=replace(TrainConfig(), epochs=1), patch_cfg=PATCH, device="cpu",
+          max_steps_per_epoch=1)
+    return tmp_path / "m", data
+
+
+def test_checkpoint_round_trip_gives_identical_maps(saved_model):
+    folder, data = saved_model
+    a = load_model(folder, device="cpu")
+    b = load_model(folder, device="cpu")
+    det_a, cls_a = a.predict_maps(data[0].pixels[None])
+    det_b, cls_b = b.predict_maps(data[0].pixels[None])
+    assert det_a.shape == (1, 96, 96) and cls_a.shape == (1, 3, 96, 96)
+    np.testing.assert_array_equal(det_a, det_b)
+    np.testing.assert_array_equal(cls_a, cls_b)
+    assert a.name == "s-drdin" and a.mpp is None
+
+
+def test_corrupt_or_foreign_checkpoints_give_clear_errors(saved_model, tmp_path):
+    folder, _ = saved_model
+    with pytest.raises(QpcellError, match="not a qpcell model"):
+        load_model(tmp_path / "nowhere")
+    weights = folder / "weights.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(QpcellError, match="corrupt model weights"):
+        load_model(folder)
+    weights.write_bytes(good)
+    config = json.loads((folder / "config.json").read_text())
+    config["model"]["base"] = 8
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QpcellError, match="do not fit"):
+        load_model(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(QpcellError, match="corrupt model description"):
+        load_model(folder)
