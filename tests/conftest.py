@@ -63,3 +63,27 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+TINY_TRAIN = ("--epochs", "1", "--max-steps", "2", "--patch-size", "64", "--stride", "64",
+              "--model-mpp", "native", "--device", "cpu")
+
+
+@pytest.fixture(scope="session")
+def synthetic_project(tmp_path_factory) -> Path:
+    """A GeoJSON project of three 96x96 synthetic mIHC images with three classes."""
+    from qpcell.synthetic import write_synthetic_project
+
+    root = tmp_path_factory.mktemp("project")
+    write_synthetic_project(root, 3, (96, 96), 3, seed=5)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synthetic_project, tmp_path_factory) -> Path:
+    """An S-DRDIN (base 4) trained for two steps on :func:`synthetic_project`."""
+    out = tmp_path_factory.mktemp("model") / "m"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(synthetic_project), "--out", str(out), "--base", "4", *TINY_TRAIN])
+    assert exc.value.code == 0
+    return out

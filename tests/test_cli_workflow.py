@@ -5,30 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY_TRAIN
 
 from qpcell.io.geojson import read_geojson
-from qpcell.synthetic import write_synthetic_project
-
-TINY = ("--epochs", "1", "--max-steps", "2", "--patch-size", "64", "--stride", "64",
-        "--model-mpp", "native", "--device", "cpu")
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("project")
-    write_synthetic_project(root, 3, (96, 96), 3, seed=5)
-    return root
+@pytest.fixture
+def project(synthetic_project):
+    return synthetic_project
 
 
-@pytest.fixture(scope="module")
-def model(project, tmp_path_factory):
-    from qpcell.cli import main
-
-    out = tmp_path_factory.mktemp("model") / "m"
-    with pytest.raises(SystemExit) as exc:
-        main(["train", str(project), "--out", str(out), "--base", "4", *TINY])
-    assert exc.value.code == 0
-    return out
+@pytest.fixture
+def model(tiny_model):
+    return tiny_model
 
 
 def test_train_writes_a_self_describing_model(model):
@@ -59,7 +48,7 @@ def test_predict_writes_outputs_and_skips_finished_images(cli, model, project, t
 def test_separate_models_train_and_predict_as_one(cli, project, tmp_path):
     out = tmp_path / "sep"
     code, stdout, stderr = cli("train", project, "--out", out, "--model", "separate",
-                               "--base", "4", *TINY)
+                               "--base", "4", *TINY_TRAIN)
     assert code == 0, stderr
     config = json.loads((out / "config.json").read_text())
     assert config["kind"] == "pipeline"
@@ -73,7 +62,7 @@ def test_separate_models_train_and_predict_as_one(cli, project, tmp_path):
 def test_mtl_ihc_trains_from_the_command_line(cli, project, tmp_path):
     out = tmp_path / "mtl"
     code, _, stderr = cli("train", project, "--out", out, "--model", "mtl-ihc", "--aux",
-                          "dynamic", "--backbone", "resnet18", *TINY)
+                          "dynamic", "--backbone", "resnet18", *TINY_TRAIN)
     assert code == 0, stderr
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["name"] == "mtl-ihc" and config["model"]["aux"] == []

@@ -23,10 +23,11 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
                    device: str | None = None, batch_size: int = 4, tile_size: int = 512,
                    mpp: float | None = None, overwrite: bool = False, tissue: bool = True,
                    workers: int | None = None, show: bool = True,
-                   region_geoms: list | None = None) -> list:
+                   region_geoms: list | None = None, jobs: list | None = None) -> list:
     """Load ``model``, predict every image of ``source`` into ``out``, show progress.
 
-    ``region_geoms`` (shapely, full-resolution px) limits every image to those regions.
+    ``region_geoms`` (shapely, full-resolution px) limits every image to those regions;
+    ``jobs`` (``qpcell.predict.PredictionJob``) replaces the images found in ``source``.
     """
     from qpcell.checkpoint import load_model
     from qpcell.device import describe
@@ -37,7 +38,8 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
     if batch_size < 1:
         raise QpcellError(f"--batch-size {batch_size} must be at least 1")
     bundle = load_model(model, device=device)
-    jobs = collect_jobs(source, regions=regions, mpp=mpp)
+    if jobs is None:
+        jobs = collect_jobs(source, regions=regions, mpp=mpp)
     if region_geoms is not None:
         for job in jobs:
             job.regions = list(region_geoms)

@@ -75,12 +75,41 @@ def run_annotate_back(predictions: Path, project: Path, *, images: list[str] | N
     return report
 
 
+def predict_project(model: Path, project: Path, out: Path, *, images: list[str] | None,
+                    image_root: list[str] | None, device: str | None, overwrite: bool) -> None:
+    """Run ``model`` on every image of a QuPath project (read without Java) into ``out``."""
+    from qpcell.cli.predict import run_prediction
+    from qpcell.errors import QpcellError
+    from qpcell.io.qupath import image_stem, read_project_info, select_images
+    from qpcell.predict import PredictionJob
+
+    info = read_project_info(project, image_root=image_root or None)
+    entries = select_images(info.images, images) if images else info.images
+    missing = [e.name for e in entries if not e.exists]
+    if missing:
+        raise QpcellError(f"image file(s) not found: {', '.join(missing[:5])}"
+                          f"{' ...' if len(missing) > 5 else ''} (use --image-root OLD=NEW)",
+                          project)
+    jobs = [PredictionJob(image_stem(e.name), e.path, None, e.mpp) for e in entries]
+    run_prediction(model, project, out, device=device, overwrite=overwrite, jobs=jobs)
+
+
 @app.command("annotate-back")
 def annotate_back_command(
-    predictions: Annotated[Path, typer.Argument(
-        help="Output folder of qpcell predict (<image>.geojson per image).")],
-    project: Annotated[Path, typer.Argument(
-        help="QuPath project: project.qpproj or its folder.")],
+    paths: Annotated[list[Path], typer.Argument(
+        help="PREDICTIONS PROJECT: the output folder of qpcell predict (<image>.geojson per "
+        "image) and the QuPath project (project.qpproj or its folder); with --model, only "
+        "PROJECT.", show_default=False)],
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="Predict with this model folder first (every project image, whole "
+        "image / tissue), then write the cells.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="With --model: where predictions go (default: "
+        "<project folder>/qpcell/predictions).")] = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="With --model: cpu, cuda, mps (default: best available).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="With --model: predict again images already predicted.")] = False,
     images: Annotated[list[str] | None, typer.Option(
         "--images", help="Only these images (name, or name without extension); "
         "comma-separated or repeated.")] = None,
@@ -103,5 +132,20 @@ def annotate_back_command(
     <project>/qpcell-backups/ first. Needs QuPath (found through paquo);
     without it, run groovy/qpcell-detect.groovy inside QuPath instead.
     """
+    from qpcell.errors import QpcellError
+
+    if model is not None:
+        if len(paths) != 1:
+            raise QpcellError("with --model give only the QuPath project "
+                              "(qpcell annotate-back --model MODEL project.qpproj)")
+        project = paths[0]
+        folder = project if project.is_dir() else project.parent
+        predictions = out or folder / "qpcell" / "predictions"
+        predict_project(model, project, predictions, images=split_names(images),
+                        image_root=image_root, device=device, overwrite=overwrite)
+    elif len(paths) != 2:
+        raise QpcellError("give PREDICTIONS and PROJECT (or --model MODEL and PROJECT)")
+    else:
+        predictions, project = paths
     run_annotate_back(predictions, project, images=split_names(images), dry_run=dry_run,
                       shape=shape, radius_um=radius_um, image_root=image_root)
