@@ -81,7 +81,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # S-DRDIN: none stated
     val_fraction: float = 0.3  # S-DRDIN 2.1: 7:3 train/validation split
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; None = by device and cores
 
 
 @dataclass(frozen=True)

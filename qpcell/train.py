@@ -32,7 +32,8 @@ from qpcell.config import (
     TrainConfig,
     to_dict,
 )
-from qpcell.device import autocast_dtype, pick_device
+from qpcell.device import autocast_dtype
+from qpcell.distributed import barrier, broadcast, default_loader_settings, setup, shard, wrap
 from qpcell.errors import QpcellError
 from qpcell.inference import model_maps
 from qpcell.io.atomic import atomic_open
@@ -302,7 +303,11 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = tuple(classes)
-    device = device if isinstance(device, torch.device) else pick_device(device)
+    ctx = setup(device)  # under torchrun: join the process group (GPU = LOCAL_RANK)
+    device = ctx.device
+    loading = default_loader_settings(device)
+    if ctx.distributed:  # torchrun sets OMP_NUM_THREADS=1: share the cores among the ranks
+        torch.set_num_threads(loading.torch_threads)
     torch.manual_seed(train_cfg.seed)
 
     data = list(prepared) if prepared is not None else [
@@ -351,6 +356,7 @@ def train(
         history = [EpochSummary(**h) for h in json.loads(state["history"])]
         start_epoch = int(state["epoch"]) + 1
         rng = np.random.default_rng([train_cfg.seed, start_epoch])
+    ddp = wrap(model, ctx)  # the forward pass goes through DDP; everything else uses `model`
 
     def windows_for_epoch() -> list[tuple[int, int, int]]:
         wins = []
@@ -370,7 +376,7 @@ def train(
         windows = windows_for_epoch()
         if not windows:
             raise QpcellError("no training patches: are the points inside the annotated regions?")
-        batches = math.ceil(len(windows) / train_cfg.batch_size)
+        batches = math.ceil(len(shard(windows, ctx)) / train_cfg.batch_size)
         if max_steps_per_epoch:
             batches = min(batches, max_steps_per_epoch)
         callbacks.on_start(train_cfg.epochs, batches, start_epoch)
@@ -379,16 +385,19 @@ def train(
             if epoch > start_epoch:
                 windows = windows_for_epoch()
             dataset = PatchDataset([d.pixels for d in train_set],
-                                   [(d.xy, d.labels) for d in train_set], windows,
+                                   [(d.xy, d.labels) for d in train_set],
+                                   shard(windows, ctx),
                                    size=patch_cfg.size, target_fn=target_fn,
                                    extra_maps=None if extra_maps is None else
                                    [extra_maps[d.name] for d in train_set],
                                    extra_key=extra_key, flips=patch_cfg.flips,
-                                   rotate90=patch_cfg.rotate90, seed=int(rng.integers(2**31)))
+                                   rotate90=patch_cfg.rotate90,
+                                   seed=int(rng.integers(2**31)) + ctx.rank)
             generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
             loader = DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True,
-                                generator=generator, num_workers=train_cfg.num_workers,
-                                drop_last=False)
+                                generator=generator, drop_last=False,
+                                num_workers=loading.num_workers if train_cfg.num_workers is None
+                                else train_cfg.num_workers, pin_memory=loading.pin_memory)
             model.train()
             total, parts_sum, steps = 0.0, {}, 0
             for step, (x, targets) in enumerate(loader, 1):
@@ -399,7 +408,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp or torch.float32,
                                     enabled=amp is not None):
-                    output = model(x)
+                    output = ddp(x)
                 loss, parts = model.loss({k: v.float() for k, v in output.items()}, targets)
                 if not torch.isfinite(loss):
                     raise QpcellError(f"training diverged at epoch {epoch} (loss {loss.item()})")
@@ -418,7 +427,9 @@ def train(
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
                 callbacks.on_batch(epoch, step, value)
             last_epoch = epoch - 1
-            setting, f1, cf1 = validate(model, val_set, classes, post, match_r, kind, device)
+            setting, f1, cf1 = broadcast(
+                validate(model, val_set, classes, post, match_r, kind, device)
+                if ctx.is_main else None, ctx)  # rank 0 validates; the others wait for it
             is_best = (f1, cf1) > tuple(best["key"])
             if is_best:
                 best = {"key": [f1, cf1], "epoch": epoch, "setting": setting}
@@ -442,23 +453,29 @@ def train(
                 }
                 # A model with training-only parts (MTL-IHC's auxiliary decoders) saves only
                 # what inference uses.
-                save_model(out, model.export() if hasattr(model, "export") else model, meta)
+                if ctx.is_main:
+                    save_model(out, model.export() if hasattr(model, "export") else model,
+                               meta)
             summary = EpochSummary(epoch, total / max(steps, 1),
                                    {k: v / max(steps, 1) for k, v in parts_sum.items()},
                                    f1, cf1, float(setting.get("threshold", math.nan)),
                                    time.perf_counter() - t0, is_best)
             history.append(summary)
-            with open(log_path, "a", encoding="utf-8") as log:
-                log.write(f"epoch {epoch} loss {summary.loss:.5f} val_f1 {f1:.4f} "
-                          f"val_class_f1 {cf1:.4f} threshold {summary.threshold:.2f} "
-                          f"seconds {summary.seconds:.1f}{' best' if is_best else ''}\n")
+            if ctx.is_main:  # rank 0 alone writes the log and the resume state
+                with open(log_path, "a", encoding="utf-8") as log:
+                    log.write(f"epoch {epoch} loss {summary.loss:.5f} val_f1 {f1:.4f} "
+                              f"val_class_f1 {cf1:.4f} threshold {summary.threshold:.2f} "
+                              f"seconds {summary.seconds:.1f}{' best' if is_best else ''}\n")
+                _write_state(out / RESUME, _state(model, optimizer, epoch, best, history, split))
             last_epoch = epoch
-            _write_state(out / RESUME, _state(model, optimizer, epoch, best, history, split))
             callbacks.on_epoch(summary)
     except KeyboardInterrupt:
-        _write_state(out / RESUME, _state(model, optimizer, last_epoch, best, history, split))
+        if ctx.is_main:
+            _write_state(out / RESUME, _state(model, optimizer, last_epoch, best, history,
+                                              split))
         raise TrainingInterrupted(
             f"interrupted after epoch {last_epoch}; continue with --resume", out) from None
+    barrier(ctx)  # the model folder is complete before any rank returns
     return TrainResult(out, history, int(best["epoch"]), float(best["key"][0]),
                        float(best["key"][1]), split[0], split[1], n_patches,
                        time.perf_counter() - t_start)

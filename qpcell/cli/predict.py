@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -23,11 +24,15 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
                    device: str | None = None, batch_size: int = 4, tile_size: int = 512,
                    mpp: float | None = None, overwrite: bool = False, tissue: bool = True,
                    workers: int | None = None, show: bool = True,
-                   region_geoms: list | None = None, jobs: list | None = None) -> list:
+                   region_geoms: list | None = None, jobs: list | None = None,
+                   cluster: ClusterArgs | None = None) -> list:
     """Load ``model``, predict every image of ``source`` into ``out``, show progress.
 
     ``region_geoms`` (shapely, full-resolution px) limits every image to those regions;
     ``jobs`` (``qpcell.predict.PredictionJob``) replaces the images found in ``source``.
+    ``cluster`` runs the images on Dask (:mod:`qpcell.cohort`) instead of in this process:
+    images that fail there are listed, the others written, and a :class:`QpcellError`
+    summarising the failures is raised at the end.
     """
     from qpcell.checkpoint import load_model
     from qpcell.device import describe
@@ -37,6 +42,11 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
         raise QpcellError(f"--tile-size {tile_size} must be a multiple of 16, at least 64")
     if batch_size < 1:
         raise QpcellError(f"--batch-size {batch_size} must be at least 1")
+    if cluster is not None:
+        return _run_on_cluster(model, source, out, cluster, regions=regions, device=device,
+                               batch_size=batch_size, tile_size=tile_size, mpp=mpp,
+                               overwrite=overwrite, tissue=tissue, workers=workers, show=show,
+                               region_geoms=region_geoms, jobs=jobs)
     bundle = load_model(model, device=device)
     if jobs is None:
         jobs = collect_jobs(source, regions=regions, mpp=mpp)
@@ -70,18 +80,103 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
                                     tile_size=tile_size, batch_size=batch_size, tissue=tissue,
                                     workers=workers, on_event=on_event)
     if show:
-        names = [c.name for c in bundle.classes]
-        table = Table(title=f"Cells found ({out})")
-        table.add_column("image")
-        for n in names:
-            table.add_column(n, justify="right")
-        table.add_column("total", justify="right")
-        table.add_column("", style="dim")
-        for r in results:
-            table.add_row(r.name, *(str(r.counts.get(n, 0)) for n in names), str(r.n_cells),
-                          "skipped (exists)" if r.skipped else f"{r.seconds:.1f}s")
-        console.print(table)
+        _print_table(out, bundle.classes, results)
     return results
+
+
+def _print_table(out: Path, classes, items: list) -> None:
+    """Cells per class and image; failed images (``SlideFailure``) get their error."""
+    names = [c.name for c in classes]
+    table = Table(title=f"Cells found ({out})")
+    table.add_column("image")
+    for n in names:
+        table.add_column(n, justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("", style="dim")
+    for r in items:
+        if not hasattr(r, "counts"):
+            table.add_row(r.name, *("-" for _ in names), "-", f"[red]failed:[/] {r.error}")
+            continue
+        table.add_row(r.name, *(str(r.counts.get(n, 0)) for n in names), str(r.n_cells),
+                      "skipped (exists)" if r.skipped else f"{r.seconds:.1f}s")
+    console.print(table)
+
+
+@dataclass(frozen=True)
+class ClusterArgs:
+    """Where ``qpcell predict`` runs on Dask: ``workers`` local processes, or ``scheduler``."""
+
+    workers: int | None = None
+    scheduler: str | None = None
+    threads_per_worker: int = 1
+    torch_threads: int | None = None
+    retries: int = 1
+    block_tiles: int = 256
+
+
+def _run_on_cluster(model: Path, source: Path, out: Path, cluster: ClusterArgs, *,
+                    regions: str, device: str | None, batch_size: int, tile_size: int,
+                    mpp: float | None, overwrite: bool, tissue: bool, workers: int | None,
+                    show: bool, region_geoms: list | None, jobs: list | None) -> list:
+    from qpcell.checkpoint import load_model
+    from qpcell.cohort import CohortOptions, cohort_client, predict_cohort
+    from qpcell.predict import Predictor, collect_jobs
+
+    bundle = load_model(model, device="cpu")  # checks the model; workers load their own
+    if jobs is None:
+        jobs = collect_jobs(source, regions=regions, mpp=mpp)
+    if region_geoms is not None:
+        for job in jobs:
+            job.regions = list(region_geoms)
+    predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()))
+    options = CohortOptions(device=device, tile_size=tile_size, batch_size=batch_size,
+                            tissue=tissue, post_workers=workers,
+                            torch_threads=cluster.torch_threads, retries=cluster.retries,
+                            block_tiles=cluster.block_tiles)
+    where = (f"Dask scheduler {cluster.scheduler}" if cluster.scheduler else
+             f"a local Dask cluster of {cluster.workers} worker(s) x "
+             f"{cluster.threads_per_worker} thread(s)")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn())
+    with cohort_client(workers=cluster.workers, scheduler=cluster.scheduler,
+                       threads_per_worker=cluster.threads_per_worker) as client:
+        if show:
+            n_workers = len(client.scheduler_info().get("workers", {}))
+            console.print(f"model [bold]{bundle.name}[/] ({len(bundle.classes)} classes, "
+                          f"{bundle.mpp or 'native'} µm/px); {len(jobs)} image(s) on {where} "
+                          f"({n_workers} worker(s) connected)", highlight=False)
+        with Progress(*columns, console=console, disable=not show) as progress:
+            task = progress.add_task("images", total=len(jobs), info="")
+            failed = 0
+
+            def on_event(event) -> None:
+                nonlocal failed
+                if event.kind == "split":
+                    progress.console.print(f"{event.name}: {event.blocks} blocks of tiles",
+                                           highlight=False)
+                    return
+                progress.advance(task)
+                if event.kind == "fail":
+                    failed += 1
+                    progress.update(task, info=f"[red]{failed} failed[/]")
+                    err_console.print(f"[red]failed:[/] {event.name}: {event.error}",
+                                      highlight=False, soft_wrap=True)
+                    return
+                for warning in event.result.warnings:
+                    err_console.print(f"[yellow]warning:[/] {event.name}: {warning}",
+                                      highlight=False)
+
+            outcome = predict_cohort(jobs, model, out, client, overwrite=overwrite,
+                                     options=options, predictor=predictor, on_event=on_event)
+    if show:
+        _print_table(out, bundle.classes, outcome.items)
+    failures = outcome.failures
+    if failures:
+        first = failures[0]
+        raise QpcellError(f"{len(failures)} of {len(jobs)} image(s) failed (first: "
+                          f"{first.name}: {first.error}); the others are in {out}")
+    return outcome.results
 
 
 @app.command("predict")
@@ -104,6 +199,20 @@ def predict_command(
     tissue: bool = typer.Option(True, help="Skip tiles without tissue (large images)."),
     workers: int | None = typer.Option(None, help="Post-processing threads."),
     overwrite: bool = typer.Option(False, help="Redo images whose outputs exist."),
+    dask_workers: int | None = typer.Option(None, help="Run the images on a local Dask "
+                                            "cluster of this many worker processes (one "
+                                            "image per worker at a time).", min=1),
+    scheduler: str | None = typer.Option(None, help="Run the images on an existing Dask "
+                                         "cluster: scheduler address (tcp://host:8786) or "
+                                         "scheduler file. Paths must be the same there."),
+    threads_per_worker: int = typer.Option(1, help="With --dask-workers: Dask threads "
+                                           "(images at a time) per worker process.", min=1),
+    torch_threads: int | None = typer.Option(None, help="On Dask: torch threads per worker "
+                                             "(default: the host's cores / its Dask "
+                                             "threads).", min=1),
+    retries: int = typer.Option(1, help="On Dask: extra attempts of a failed image.", min=0),
+    block_tiles: int = typer.Option(256, help="On Dask: slides with more tiles are split "
+                                    "into blocks of this many tiles.", min=1),
 ) -> None:
     """Detect and classify cells; write QuPath GeoJSON, CSV and overlay PNGs."""
     region_geoms = None
@@ -114,6 +223,13 @@ def predict_command(
         if not region_geoms:
             raise QpcellError("holds no unclassified polygon annotations to use as regions",
                               regions_file)
+    if dask_workers is not None and scheduler is not None:
+        raise QpcellError("give --dask-workers (a local cluster) or --scheduler (an existing "
+                          "one), not both")
+    cluster = None
+    if dask_workers is not None or scheduler is not None:
+        cluster = ClusterArgs(dask_workers, scheduler, threads_per_worker, torch_threads,
+                              retries, block_tiles)
     run_prediction(model, source, out, regions=regions, device=device, batch_size=batch_size,
                    tile_size=tile_size, mpp=mpp, overwrite=overwrite, tissue=tissue,
-                   workers=workers, region_geoms=region_geoms)
+                   workers=workers, region_geoms=region_geoms, cluster=cluster)

@@ -157,7 +157,11 @@ def train_command(
                                      "model (paper 003: 10)."),
 ) -> None:
     """Train a cell detection + classification model on point annotations."""
+    from qpcell.distributed import is_main
     from qpcell.io.sources import load_source
+
+    if not is_main():  # under torchrun only rank 0 prints; errors still show from every rank
+        console.quiet = True
 
     model_mpp_value = parse_mpp(model_mpp)
     if patch_size % 16 or patch_size < 32:
