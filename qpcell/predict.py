@@ -14,8 +14,8 @@ pass would have found it. Centres are then mapped to full-resolution QuPath pixe
 Only tiles whose core meets an annotated region (or, without regions, holds tissue on a
 thumbnail, for images over ``TISSUE_MIN_PIXELS``) are read; with regions, only cells inside a
 region are kept. Tiles are read in a background thread and post-processed in a thread pool
-while the model works on the next batch; memory stays bounded by a few batches of maps,
-whatever the slide size. Only the detections are accumulated.
+while the model works on the next batch (:func:`iter_plan`); memory stays bounded by a few
+batches of maps, whatever the slide size.
 
 The output folder
 -----------------
@@ -24,12 +24,17 @@ The output folder
 ``<stem>.geojson``, which marks the image as done: a re-run skips images whose GeoJSON exists
 (unless ``overwrite``), and an interrupted image (no GeoJSON) is simply predicted again. Before
 an image is (re)predicted its old GeoJSON is removed, so a marker never vouches for files of an
-earlier run. Every file is written atomically. ``predictions.json`` (model, classes, pixel
-sizes, counts per image) is rewritten after each image.
+earlier run. Every file is written atomically. The CSV and GeoJSON are streamed, tile by tile,
+into their temporary files, so the cells of a slide are never all held in memory.
+``predictions.json`` (model, classes, pixel sizes, counts per image) is rewritten after each
+image.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import json
 import math
 import os
 import queue
@@ -39,6 +44,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +54,15 @@ from shapely.geometry.base import BaseGeometry
 from qpcell import __version__
 from qpcell.config import PAPER_MPP
 from qpcell.errors import QpcellError
-from qpcell.io.geojson import read_geojson, write_detections
-from qpcell.io.outputs import OVERLAY_MAX_PIXELS, read_json, write_csv, write_json, write_overlay
+from qpcell.io.atomic import atomic_open
+from qpcell.io.geojson import detections_to_features, read_geojson
+from qpcell.io.outputs import (
+    OVERLAY_MAX_PIXELS,
+    csv_columns,
+    read_json,
+    write_json,
+    write_overlay,
+)
 from qpcell.io.project import ANNOTATION_SUFFIX, read_project, scan_images, split_image_name
 from qpcell.io.slides import Slide, open_slide, to_full_res
 from qpcell.points import CellClass, Detections
@@ -281,26 +294,34 @@ def predict_slide(slide: Slide, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
                     workers=workers, progress=progress)
 
 
-def run_plan(slide: Slide, plan: TilePlan, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
-             classes: Sequence[CellClass] | None = None, batch_size: int = 4,
-             workers: int | None = None, progress: Callable[[int, int], None] | None = None
-             ) -> Detections:
-    """Run a :class:`TilePlan` (the second half of :func:`predict_slide`)."""
+def iter_plan(slide: Slide, plan: TilePlan, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
+              batch_size: int = 4, workers: int | None = None,
+              progress: Callable[[int, int], None] | None = None) -> Iterator[Detections]:
+    """The cells of a :class:`TilePlan`, one :class:`Detections` per tile, in plan order.
+
+    Cells are in full-resolution px (``mpp`` = the slide's), limited to the plan's regions.
+    Tiles are read in a background thread and post-processed in a pool of ``workers`` threads
+    while ``map_fn`` runs on the next batch; at most ``2·workers + batch_size`` tiles' maps
+    are held, and nothing is accumulated here, so memory does not grow with the slide.
+    """
     if batch_size < 1:
         raise QpcellError(f"batch size {batch_size} must be at least 1")
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     total = len(plan)
     if progress:
         progress(0, total)
-    parts: list[Detections] = []
     pending: deque[Future] = deque()
     done = 0
     max_pending = 2 * workers + batch_size  # bounds the maps held in memory
     stop = threading.Event()
 
-    def collect(keep_at_most: int) -> None:
-        while len(pending) > keep_at_most:
-            parts.append(pending.popleft().result())
+    def finish(cells: Detections) -> Detections:
+        xy = to_full_res(cells.xy, plan.scale)
+        out = Detections(xy, cells.labels, cells.scores, cells.class_probs, cells.classes,
+                         slide.mpp)
+        if plan.regions is not None and len(out):
+            out = out.subset(shapely.contains_xy(plan.regions, xy[:, 0], xy[:, 1]))
+        return out
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qpcell-post") as pool:
         try:
@@ -314,32 +335,47 @@ def run_plan(slide: Slide, plan: TilePlan, map_fn: MapFn, postprocess_fn: Postpr
                     c = None if cls is None else np.asarray(cls[i])
                     pending.append(pool.submit(_tile_cells, det[i], c, core, plan,
                                                postprocess_fn))
-                collect(max_pending)
                 done += len(cores)
                 if progress:
                     progress(done, total)
-            collect(0)
+                # hand on finished tiles in order; wait only when too many are pending
+                while pending and (len(pending) > max_pending or pending[0].done()):
+                    yield finish(pending.popleft().result())
+            while pending:
+                yield finish(pending.popleft().result())
         except BaseException:
             stop.set()
             for fut in pending:
                 fut.cancel()
             raise
+
+
+def run_plan(slide: Slide, plan: TilePlan, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
+             classes: Sequence[CellClass] | None = None, batch_size: int = 4,
+             workers: int | None = None, progress: Callable[[int, int], None] | None = None
+             ) -> Detections:
+    """Run a :class:`TilePlan` (the second half of :func:`predict_slide`): all the cells of
+    :func:`iter_plan` in one :class:`Detections`."""
+    parts = list(iter_plan(slide, plan, map_fn, postprocess_fn, batch_size=batch_size,
+                           workers=workers, progress=progress))
     if classes is None:
         classes = parts[0].classes if parts else None
         if classes is None:
             raise QpcellError("no tile was predicted and no class list was given")
-    cells = Detections.concatenate(parts, classes)
-    xy = to_full_res(cells.xy, plan.scale)
-    result = Detections(xy, cells.labels, cells.scores, cells.class_probs, tuple(classes),
-                        slide.mpp)
-    if plan.regions is not None and len(result):
-        result = result.subset(shapely.contains_xy(plan.regions, xy[:, 0], xy[:, 1]))
-    return result
+    return Detections.concatenate(parts, tuple(classes), slide.mpp)
 
 
 # --------------------------------------------------------------------------------------------
 # a model, jobs, and the output folder
 # --------------------------------------------------------------------------------------------
+
+def _fast_maps(predict_maps: MapFn, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``predict_maps(tiles)`` on the fastest inference backend (ONNX Runtime on CPUs)."""
+    from qpcell.inference import using_backend
+
+    with using_backend("fast"):
+        return predict_maps(tiles)
+
 
 @dataclass
 class Predictor:
@@ -359,12 +395,15 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, bundle, name: str | None = None) -> Predictor:
-        """From ``qpcell.checkpoint.ModelBundle`` (``load_model``)."""
+        """From ``qpcell.checkpoint.ModelBundle`` (``load_model``); its maps are computed
+        by the ``"fast"`` inference backend (:mod:`qpcell.inference`: ONNX Runtime on CPUs,
+        channels-last PyTorch with autocast on GPUs)."""
         reach = int(bundle.postprocess.reach_px)
         if getattr(bundle, "postprocess_kind", "sdrdin") == "peaks":
             peaks = bundle.meta.get("peaks", {})
             reach = max(reach, int(math.ceil(float(peaks.get("min_distance_px", 3)))) + 1)
-        return cls(bundle.predict_maps, bundle.to_detections, tuple(bundle.classes), bundle.mpp,
+        return cls(partial(_fast_maps, bundle.predict_maps), bundle.to_detections,
+                   tuple(bundle.classes), bundle.mpp,
                    reach, name or str(getattr(bundle, "path", "model")),
                    {"architecture": getattr(bundle, "name", None),
                     "postprocess_kind": getattr(bundle, "postprocess_kind", None)})
@@ -474,6 +513,45 @@ def _counts_of_geojson(path: Path, classes: Sequence[CellClass]) -> dict[str, in
     return counts
 
 
+class _CellWriter:
+    """Cells streamed into one image's CSV and QuPath GeoJSON, tile by tile.
+
+    The rows and features are exactly those of :func:`qpcell.io.outputs.write_csv` and
+    :func:`qpcell.io.geojson.write_detections` for all the cells at once, but only one
+    tile's cells are ever formatted at a time: memory does not grow with the slide.
+    """
+
+    def __init__(self, table, geojson, classes: Sequence[CellClass], mpp: float | None) -> None:
+        self.names = np.array([c.name for c in classes], dtype=object)
+        self.mpp = mpp
+        self.rows = csv.writer(table)
+        self.rows.writerow(csv_columns(Detections.empty(classes, mpp)))
+        self.geojson = geojson
+        self.geojson.write('{"type":"FeatureCollection","features":[')
+        self.first = True
+
+    def add(self, det: Detections) -> None:
+        if not len(det):
+            return
+        cols = [np.char.mod("%.3f", det.xy[:, 0]), np.char.mod("%.3f", det.xy[:, 1]),
+                self.names[det.labels], np.char.mod("%.4f", det.scores)]
+        cols += [np.char.mod("%.4f", det.class_probs[:, k]) for k in range(len(self.names))]
+        if det.mpp is not None:
+            cols += [np.char.mod("%.3f", det.xy[:, 0] * det.mpp),
+                     np.char.mod("%.3f", det.xy[:, 1] * det.mpp)]
+        self.rows.writerows(zip(*cols, strict=True))
+        try:
+            text = json.dumps(detections_to_features(det, mpp=self.mpp), allow_nan=False,
+                              separators=(",", ":"))
+        except ValueError as err:  # a NaN slipped through: never write JSON QuPath rejects
+            raise QpcellError(f"cannot write GeoJSON: {err}") from None
+        self.geojson.write(text[1:-1] if self.first else "," + text[1:-1])
+        self.first = False
+
+    def close(self) -> None:
+        self.geojson.write("]}")
+
+
 def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: str | Path, *,
                       overwrite: bool = False, tile_size: int = 512, batch_size: int = 4,
                       halo: int | None = None, tissue: bool = True, workers: int | None = None,
@@ -538,21 +616,37 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
             def tick(done: int, total: int, _name=job.name, _i=index) -> None:
                 emit(PredictEvent("tiles", _name, _i, len(jobs), done, total))
 
-            det = run_plan(slide, plan, predictor.map_fn, predictor.postprocess_fn,
-                           classes=predictor.classes, batch_size=batch_size, workers=workers,
-                           progress=tick)
-            written = {"csv": paths["csv"]}
-            write_csv(paths["csv"], det)
-            if slide.width * slide.height <= limit:
-                write_overlay(paths["overlay"], slide.full_image(), det)
-                written["overlay"] = paths["overlay"]
-            else:
-                paths["overlay"].unlink(missing_ok=True)
-                warns.append(f"no overlay: the image has {slide.width}x{slide.height} px "
-                             f"(overlays only up to {limit:,} px)")
-            write_detections(paths["geojson"], det, mpp=slide.mpp)
+            small = slide.width * slide.height <= limit
+            counts = np.zeros(len(predictor.classes), dtype=np.int64)
+            kept: list[Detections] = []
+            with contextlib.ExitStack() as files:  # exits in reverse: the GeoJSON goes last
+                geojson = files.enter_context(atomic_open(paths["geojson"], "w",
+                                                          encoding="utf-8"))
+                table = files.enter_context(atomic_open(paths["csv"], "w", encoding="utf-8",
+                                                        newline=""))
+                writer = _CellWriter(table, geojson, predictor.classes, slide.mpp)
+                tiles = files.enter_context(contextlib.closing(iter_plan(
+                    slide, plan, predictor.map_fn, predictor.postprocess_fn,
+                    batch_size=batch_size, workers=workers, progress=tick)))
+                for cells in tiles:
+                    writer.add(cells)
+                    counts += np.bincount(cells.labels, minlength=len(counts))
+                    if small:
+                        kept.append(cells)
+                writer.close()
+                written = {"csv": paths["csv"]}
+                if small:
+                    write_overlay(paths["overlay"], slide.full_image(),
+                                  Detections.concatenate(kept, predictor.classes, slide.mpp))
+                    written["overlay"] = paths["overlay"]
+                else:
+                    paths["overlay"].unlink(missing_ok=True)
+                    warns.append(f"no overlay: the image has {slide.width}x{slide.height} px "
+                                 f"(overlays only up to {limit:,} px)")
             written["geojson"] = paths["geojson"]
-            res = ImageResult(job.name, job.image, det.counts(), mpp=slide.mpp,
+            counts_by_name = {c.name: int(k) for c, k in zip(predictor.classes, counts,
+                                                              strict=True)}
+            res = ImageResult(job.name, job.image, counts_by_name, mpp=slide.mpp,
                               seconds=time.perf_counter() - t0, tiles=len(plan),
                               outputs=written, warnings=warns)
             summary["images"][job.name] = {
@@ -570,5 +664,6 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
 
 
 __all__ = ["MapFn", "PostprocessFn", "TilePlan", "plan_tiles", "predict_slide", "run_plan",
+           "iter_plan",
            "default_halo", "Predictor", "PredictionJob", "ImageResult", "PredictEvent",
            "collect_jobs", "predict_to_folder", "output_paths", "SUMMARY_FILE"]

@@ -14,6 +14,7 @@ from qpcell.postprocess import (
     merge_radius_px,
     postprocess_peaks,
     postprocess_sdrdin,
+    squared_distances,
     window_peaks,
 )
 
@@ -107,7 +108,7 @@ def test_box_means_match_brute_force():
     maps = rng.random((3, 37, 53))
     rows = np.array([0, 5, 18, 36, 20])
     cols = np.array([0, 52, 26, 3, 50])
-    for box in (1, 7, 15, 49, 200):
+    for box in (1, 4, 7, 15, 49, 50, 200):  # small boxes gather, big ones use a cumsum
         got = box_means(maps, rows, cols, box)
         h = box // 2
         for n, (r, c) in enumerate(zip(rows, cols, strict=True)):
@@ -221,3 +222,83 @@ def test_peaks_empty():
     d = postprocess_peaks(np.zeros((2, 20, 20)), threshold=0.5, min_distance_px=3,
                           classes=CLASSES)
     assert len(d) == 0
+
+
+def blobs(shape, n, seed, sigma=(2.0, 7.0)):
+    """A detection-like map: ``n`` Gaussian bumps of random size, some overlapping."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    det = np.zeros(shape)
+    for x, y, s in zip(rng.uniform(-5, shape[1] + 5, n), rng.uniform(-5, shape[0] + 5, n),
+                       rng.uniform(*sigma, n), strict=True):
+        det = np.maximum(det, np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s)))
+    return det.astype(np.float32)
+
+
+def test_squared_distances_are_scipys_distance_transform_squared():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    masks = [blobs((90, 120), 40, seed) > t for seed, t in ((1, 0.2), (2, 0.5), (3, 0.05))]
+    masks += [rng.random((40, 55)) < 0.9, rng.random((33, 20)) < 0.5,
+              np.ones((20, 30), bool), np.zeros((20, 30), bool)]
+    tall = np.zeros((50, 40), bool)
+    tall[:, 10:30] = True  # columns with no background at all: found sideways
+    tall[5, 0] = True
+    one = np.zeros((9, 9), bool)
+    one[4, 4] = True
+    masks += [tall, one, ~one]
+    for fg in masks:
+        rows, cols = np.nonzero(fg)
+        got = squared_distances(fg, rows, cols)
+        ref = ndimage.distance_transform_edt(fg)[rows, cols]
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(np.sqrt(got), ref)  # bit for bit
+
+
+def reference_cell_centres(det, cfg):
+    """S-DRDIN 2.5 the plain way: scipy's distance transform, skimage's per-component peaks,
+    then the same grouping of maxima whose discs touch."""
+    from scipy import ndimage
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+    from skimage.feature import peak_local_max
+
+    comp, n = ndimage.label(det >= cfg.threshold, structure=np.ones((3, 3)))
+    areas = np.bincount(comp.ravel(), minlength=n + 1)
+    comp[(areas < cfg.min_area_px)[comp]] = 0
+    if not comp.any():
+        return np.zeros((0, 2))
+    dist = ndimage.distance_transform_edt(comp > 0)
+    w = cfg.peak_window_px
+    pk = peak_local_max(dist, footprint=np.ones((w, w), bool), labels=comp, min_distance=1,
+                        threshold_abs=0.0, exclude_border=False)
+    pk = pk[np.lexsort((pk[:, 1], pk[:, 0]))]  # raster order
+    pr, pc = pk[:, 0], pk[:, 1]
+    pts = np.column_stack([pc, pr]).astype(float)
+    pairs = cKDTree(pts).query_pairs(r=2 * merge_radius_px(cfg) + 1 + 1e-9,
+                                     output_type="ndarray")
+    pairs = pairs[comp[pr[pairs[:, 0]], pc[pairs[:, 0]]] == comp[pr[pairs[:, 1]], pc[pairs[:, 1]]]]
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), (len(pts),) * 2)
+    _, group = connected_components(graph, directed=False)
+    firsts = {}
+    for i, g in enumerate(group):
+        firsts.setdefault(g, i)
+    out = []
+    for g in sorted(firsts, key=firsts.get):
+        out.append(pts[group == g].mean(axis=0))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cell_centres_match_the_plain_implementation(seed):
+    det = blobs((130, 170), 60, seed)
+    configs = [PostprocessConfig(threshold=t, min_area_px=a, peak_window_px=w)
+               for t, a, w in ((0.5, 50, 15), (0.1, 0, 15), (0.3, 10, 7), (0.2, 0, 31),
+                               (0.6, 2, 3))]
+    for cfg in configs:
+        got = cell_centres(det, cfg)
+        ref = reference_cell_centres(det, cfg)
+        assert len(got) > 5
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)

@@ -288,6 +288,44 @@ def test_output_folder_formats(images, tmp_path):
     assert summary["images"]["img1"]["mpp"] is None
 
 
+@pytest.mark.parametrize("mpp", [None, 0.5])
+def test_streamed_outputs_equal_the_one_shot_writers(images, tmp_path, mpp):
+    """The CSV and GeoJSON written tile by tile are those of write_csv / write_detections
+    for all the cells at once (GeoJSON ids are random UUIDs: compared without them)."""
+    from qpcell.io.geojson import write_detections
+    from qpcell.io.outputs import write_csv
+
+    job = PredictionJob(images[0].name, images[0].image, mpp=mpp)
+    predict_to_folder([job], predictor(mpp=mpp), tmp_path / "o", tile_size=256, batch_size=2)
+    with open_slide(job.image, mpp=mpp) as s:
+        direct = predict_slide(s, fake_maps, fake_post(), mpp=mpp, tile_size=256,
+                               reach_px=CFG.reach_px)
+    assert len(direct) > 20
+    write_csv(tmp_path / "ref.csv", direct)
+    write_detections(tmp_path / "ref.geojson", direct, mpp=direct.mpp)
+    assert (tmp_path / "o" / "img0.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
+
+    def without_ids(path):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for f in data["features"]:
+            assert len(f.pop("id")) == 36
+        return data
+
+    assert without_ids(tmp_path / "o" / "img0.geojson") == without_ids(tmp_path / "ref.geojson")
+
+
+def test_empty_image_writes_valid_empty_outputs(tmp_path):
+    path = tmp_path / "blank.png"
+    Image.fromarray(np.full((200, 240, 3), 245, np.uint8)).save(path)
+    res = predict_to_folder([PredictionJob("blank", path)], predictor(), tmp_path / "o",
+                            tile_size=256)
+    assert res[0].n_cells == 0 and res[0].counts == {"tumour": 0, "immune": 0}
+    data = json.loads((tmp_path / "o" / "blank.geojson").read_text(encoding="utf-8"))
+    assert data == {"type": "FeatureCollection", "features": []}
+    assert (tmp_path / "o" / "blank.csv").read_text(encoding="utf-8").splitlines() == [
+        "x,y,class,score,p_tumour,p_immune"]
+
+
 def test_csv_has_micrometres_when_pixel_size_known(images, tmp_path):
     job = PredictionJob(images[0].name, images[0].image, mpp=0.5)
     predict_to_folder([job], predictor(mpp=0.5), tmp_path / "o", tile_size=256)
@@ -340,12 +378,12 @@ def test_interrupted_run_leaves_no_half_written_file(images, tmp_path, monkeypat
     assert names == ["img0.csv", "img0.geojson", "img0.overlay.png", "predictions.json"]
     assert list(json.loads((out / "predictions.json").read_text())["images"]) == ["img0"]
     # a crash while the GeoJSON is being written: no GeoJSON, no temporary file
-    import qpcell.io.geojson as gj
+    import qpcell.predict as pr
 
-    def broken_dump(features):
+    def broken_features(det, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(gj, "_dump", broken_dump)
+    monkeypatch.setattr(pr, "detections_to_features", broken_features)
     with pytest.raises(OSError, match="disk full"):
         predict_to_folder(images, predictor(), out, tile_size=256)
     names = sorted(p.name for p in out.iterdir())
