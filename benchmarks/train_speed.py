@@ -1,0 +1,162 @@
+"""Training speed: S-DRDIN against the separate DRDIN-detection + DRDIN-classification models.
+
+S-DRDIN Table A.4 reports the joint model cheaper to train than the two separate models
+trained one after the other (0.12 h against 0.16 h for 100 epochs, a ratio of 0.75). This
+measures the same thing on this machine: patches per second of one training step (forward,
+loss, backward, Adam update) on the same patches with the same batch size, for
+
+* ``s-drdin`` (both branches, one model),
+* ``drdin-detection`` and ``drdin-classification`` (each alone), and ``separate``: the two
+  trained one after the other, i.e. ``1 / (1/pps_det + 1/pps_cls)`` patches per second,
+* ``unet`` (the paper's fastest, for scale).
+
+Patches are EndoNuke tiles (``$QPCELL_DATA`` or ``../shared/data``) with their S-DRDIN targets,
+or synthetic mIHC images when the data is absent. The models take turns batch by batch
+(round robin), so a change in machine load hits them alike; the median step time is used.
+Data loading is not timed. Runs in a minute or two on 2 CPU cores.
+
+Usage: python benchmarks/train_speed.py [--json FILE] [--size 224] [--batches 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+MODELS = ("s-drdin", "drdin-detection", "drdin-classification", "unet")
+#: S-DRDIN Table A.4: hours for 100 epochs.
+PAPER_HOURS = {"s-drdin": 0.12, "separate": 0.16, "unet": 0.09}
+
+
+def patches(n: int, size: int, seed: int = 0):
+    """``n`` training patches ``(x (n, 3, s, s), targets)`` and where they came from."""
+    import torch
+
+    from qpcell.masks import sdrdin_targets
+    from qpcell.patches import PatchDataset
+
+    root = Path(os.environ.get("QPCELL_DATA", REPO.parent / "shared" / "data")) / "endonuke"
+    if (root / "labels").is_dir():
+        from qpcell.io.project import natural_key
+        from qpcell.io.tables import import_tables
+        from qpcell.train import load_train_image
+
+        imp = import_tables(root)
+        anns = sorted(imp.images, key=lambda a: natural_key(a.name))[:n]
+        data = [load_train_image(a, None) for a in anns]
+        images, points = [d.pixels for d in data], [(d.xy, d.labels) for d in data]
+        n_classes, source = len(imp.classes), f"EndoNuke ({root})"
+    else:
+        from qpcell.synthetic import synthetic_dataset
+
+        pairs = synthetic_dataset(n, (size, size), 3, seed=seed)
+        images, points = [im for _, im in pairs], [(a.xy, a.labels) for a, _ in pairs]
+        n_classes, source = 3, "synthetic mIHC (EndoNuke not found)"
+    windows = np.array([[i, 0, 0] for i in range(len(images))])
+    ds = PatchDataset(images, points, windows, size=size, seed=seed,
+                      target_fn=lambda xy, lab, shape: sdrdin_targets(xy, lab, n_classes, shape))
+    items = [ds[i] for i in range(len(ds))]
+    x = torch.stack([it[0] for it in items])
+    targets = {k: torch.stack([it[1][k] for it in items]) for k in items[0][1]}
+    return x, targets, n_classes, source
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=224, help="patch side in px (paper: 224)")
+    p.add_argument("--batch-size", type=int, default=4, help="patches per batch (paper: 4)")
+    p.add_argument("--batches", type=int, default=10, help="timed batches per model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches per model first")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    p.add_argument("--json", type=Path, help="write the figures to this file")
+    args = p.parse_args(argv)
+    if args.size % 16 or args.batches < 1 or args.batch_size < 1 or args.warmup < 0:
+        p.error("--size must be a multiple of 16; --batches, --batch-size >= 1")
+    import torch
+
+    from qpcell.device import pick_device
+    from qpcell.models import count_parameters, create_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    n_batches = args.warmup + args.batches
+    x, targets, n_classes, source = patches(args.batch_size * min(n_batches, 8), args.size)
+    batches = [(x[i:i + args.batch_size], {k: v[i:i + args.batch_size]
+                                           for k, v in targets.items()})
+               for i in range(0, len(x), args.batch_size)]
+    models = {name: create_model(name, n_classes).to(device).train() for name in MODELS}
+    optims = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in MODELS}
+    load_start = os.getloadavg()
+    for step in range(n_batches):
+        xb, tb = batches[step % len(batches)]
+        xb = xb.to(device)
+        tb = {k: v.to(device) for k, v in tb.items()}
+        for name in MODELS:  # round robin: load changes hit every model alike
+            model, opt = models[name], optims[name]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss, _ = model.loss(model(xb), tb)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    rows = {}
+    for name in MODELS:
+        med = statistics.median(times[name])
+        rows[name] = {"seconds_per_batch": med, "patches_per_second": args.batch_size / med,
+                      "parameters": count_parameters(models[name])}
+    sep = rows["drdin-detection"]["seconds_per_batch"] + rows[
+        "drdin-classification"]["seconds_per_batch"]
+    rows["separate"] = {"seconds_per_batch": sep, "patches_per_second": args.batch_size / sep,
+                        "parameters": rows["drdin-detection"]["parameters"]
+                        + rows["drdin-classification"]["parameters"]}
+    ratio = rows["s-drdin"]["seconds_per_batch"] / sep
+    result = {
+        "benchmark": "train_speed", "patches": source, "size": args.size,
+        "batch_size": args.batch_size, "timed_batches": args.batches, "warmup": args.warmup,
+        "models": rows, "s_drdin_over_separate_time": ratio,
+        "paper_ratio": PAPER_HOURS["s-drdin"] / PAPER_HOURS["separate"],
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "device": str(device), "torch": torch.__version__,
+                    "python": platform.python_version(),
+                    "load_average_start": [round(v, 2) for v in load_start],
+                    "load_average_end": [round(v, 2) for v in os.getloadavg()]},
+    }
+    print(f"{args.size}x{args.size} patches, batch {args.batch_size}, median of {args.batches} "
+          f"steps, {device}, {torch.get_num_threads()} threads; {source}")
+    for name, row in rows.items():
+        print(f"  {name:22s} {row['patches_per_second']:7.2f} patches/s  "
+              f"{row['seconds_per_batch']:6.3f} s/batch  {row['parameters']:>10,d} params")
+    print(f"  s-drdin / separate training time: {ratio:.2f} "
+          f"(paper Table A.4: {PAPER_HOURS['s-drdin']} h / {PAPER_HOURS['separate']} h = "
+          f"{result['paper_ratio']:.2f})")
+    print(f"  load average {result['machine']['load_average_start']} -> "
+          f"{result['machine']['load_average_end']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The benchmark scripts run end to end (smoke settings) and write what they promise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkey = pytest.MonkeyPatch()
+    monkey.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        monkey.undo()
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The scripts run with ``--threads 1`` (a shared machine); restore the suite's setting."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_accuracy_smoke_writes_tables_json_and_sweeps(endonuke, tmp_path, monkeypatch):
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    acc = load_script("accuracy")
+    out = tmp_path / "acc.json"
+    md = tmp_path / "acc.md"
+    acc.main(["--smoke", "--methods", "s-drdin,classical", "--json", str(out),
+              "--markdown", str(md), "--plots", str(tmp_path / "plots"), "--device", "cpu",
+              "--threads", "1"])
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["dataset"] == "endonuke" and "CC BY 4.0" in result["attribution"]
+    assert result["class_names"] == ["stroma", "epithelium", "other"]
+    assert result["radius_px"] == 6.0 and result["n_test_images"] == 3
+    assert list(result["summary"]) == ["s-drdin", "classical"]
+    for run in result["runs"]:
+        s = run["scores"]
+        assert s["tp"] + s["fn"] == result["n_test_cells"]
+        for key in ("detection_f1", "weighted_f1", "mean_class_aware_f1", "f1[epithelium]",
+                    "totalF1[stroma]", "meanF1[other]"):
+            assert 0.0 <= s[key] <= 1.0
+        assert run["train_seconds"] > 0
+    deep = result["runs"][0]
+    assert deep["method"] == "s-drdin" and deep["history"] and deep["postprocess"]["threshold"]
+    # the classical baseline finds cells even in three images
+    assert result["summary"]["classical"]["detection_f1"]["mean"] > 0.5
+    assert result["goal"]["detection_f1"]["target"] == 0.92
+    text = md.read_text(encoding="utf-8")
+    assert "| S-DRDIN |" in text and "weighted F1" in text and "totalF1 epithelium" in text
+    for method in ("s-drdin", "classical"):
+        png = Path(result["sweeps"][method]["png"])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(result["sweeps"][method]["detection_f1"]) == 12  # radii 1..12 px
+
+
+def test_accuracy_says_where_the_data_should_be(tmp_path, monkeypatch):
+    monkeypatch.setenv("QPCELL_DATA", str(tmp_path))
+    acc = load_script("accuracy")
+    with pytest.raises(SystemExit, match="EndoNuke not found.*QPCELL_DATA"):
+        acc.main(["--smoke"])
+    with pytest.raises(SystemExit):
+        acc.main(["--methods", "s-drdin,nonsense"])
+    with pytest.raises(SystemExit):
+        acc.main(["--patch-size", "200"])
+
+
+def test_train_speed_compares_joint_and_separate_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("QPCELL_DATA", str(tmp_path))  # synthetic patches: no data needed
+    speed = load_script("train_speed")
+    out = tmp_path / "speed.json"
+    result = speed.main(["--size", "64", "--batches", "1", "--warmup", "0", "--threads", "1",
+                         "--json", str(out)])
+    assert json.loads(out.read_text(encoding="utf-8"))["models"].keys() == result["models"].keys()
+    rows = result["models"]
+    assert set(rows) == {"s-drdin", "drdin-detection", "drdin-classification", "unet",
+                         "separate"}
+    sep = rows["drdin-detection"]["seconds_per_batch"] + rows["drdin-classification"][
+        "seconds_per_batch"]
+    assert rows["separate"]["seconds_per_batch"] == pytest.approx(sep)
+    assert result["s_drdin_over_separate_time"] == pytest.approx(
+        rows["s-drdin"]["seconds_per_batch"] / sep)
+    assert "synthetic" in result["patches"] and result["paper_ratio"] == pytest.approx(0.75)
