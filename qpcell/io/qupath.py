@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from qpcell.errors import QpcellError
+from qpcell.io.geojson import parse_color
 from qpcell.points import RGB, AnnotatedImage, CellClass, default_color
 
 log = logging.getLogger("qpcell")
@@ -100,19 +101,7 @@ def _same_flavour_local(path: PurePath) -> Path | None:
 
 def argb_to_rgb(value: Any) -> RGB | None:
     """A QuPath colour as ``(r, g, b)``: a packed (signed) ARGB int, or ``[r, g, b(, a)]``."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int):
-        v = value & 0xFFFFFFFF
-        return ((v >> 16) & 255, (v >> 8) & 255, v & 255)
-    if isinstance(value, (list, tuple)) and len(value) >= 3:
-        try:
-            rgb = tuple(int(c) for c in value[:3])
-        except (TypeError, ValueError):
-            return None
-        if all(0 <= c <= 255 for c in rgb):
-            return rgb  # type: ignore[return-value]
-    return None
+    return parse_color(value)
 
 
 def rgb_to_argb(rgb: Sequence[int]) -> int:
