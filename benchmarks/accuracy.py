@@ -187,6 +187,7 @@ class Settings:
     mtl_channels: int | None = None  # MTL-IHC ASPP / decoder width (None: 256)
     prior_epochs: int = 10  # MTL-IHC's early-stopped prior model (paper: 10)
     lr: float | None = None  # S-DRDIN family / U-Net learning rate (None: the paper's 1e-3)
+    precision: str = "auto"  # TrainConfig.precision: bf16 where the hardware has it
 
 
 def _train_kwargs(ds: Dataset, st: Settings, seed: int) -> dict:
@@ -195,7 +196,7 @@ def _train_kwargs(ds: Dataset, st: Settings, seed: int) -> dict:
     return {
         "model_mpp": None,
         "train_cfg": replace(TrainConfig(), epochs=st.epochs, seed=seed,
-                             lr=st.lr or TrainConfig().lr),
+                             lr=st.lr or TrainConfig().lr, precision=st.precision),
         "patch_cfg": replace(PatchConfig(), size=st.patch_size),
         "match_radius_px": ds.radius_px,
         "device": st.device,
@@ -453,6 +454,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "1e-3; MTL-IHC keeps paper 003's)")
     p.add_argument("--disc-radius", type=float, default=2.0,
                    help="S-DRDIN label disc radius, native px (default 2)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="training precision (default auto: bf16 where the hardware has it)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-test", type=int, default=None, help="score only N test images")
@@ -507,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except QpcellError as err:
         sys.exit(f"accuracy benchmark: {err}")
     st = Settings(args.epochs, args.patch_size, args.disc_radius, args.device,
-                  prior_epochs=min(10, args.epochs), lr=args.lr)
+                  prior_epochs=min(10, args.epochs), lr=args.lr, precision=args.precision)
     if args.smoke:
         st = replace(st, max_steps=2, base=4, mtl_channels=16, prior_epochs=1)
     names = [c.name for c in ds.classes]
@@ -546,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "model_mpp": None, "quick": args.quick, "smoke": args.smoke,
                      "max_steps_per_epoch": st.max_steps, "base": st.base,
                      "mtl_channels": st.mtl_channels, "prior_epochs": st.prior_epochs,
-                     "lr": st.lr, "prior_class": ds.prior_class,
+                     "lr": st.lr, "precision": st.precision, "prior_class": ds.prior_class,
                      "nucleus_radius_px": ds.nucleus_radius_px},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),

@@ -75,6 +75,8 @@ class CohortOptions:
     ----------
     device
         Torch device on the workers (``None`` = best available there).
+    backend
+        Inference backend (:mod:`qpcell.inference`).
     tile_size, batch_size, halo, tissue, overlay_max_pixels
         As in :func:`qpcell.predict.predict_to_folder`.
     post_workers
@@ -88,6 +90,7 @@ class CohortOptions:
     """
 
     device: str | None = None
+    backend: str = "fast"
     tile_size: int = 512
     batch_size: int = 4
     halo: int | None = None
@@ -205,7 +208,7 @@ def _stamp(folder: Path) -> tuple:
 
 
 def load_predictor(model: str | Path, device: str | None = None,
-                   threads: int | None = None) -> Predictor:
+                   threads: int | None = None, backend: str = "fast") -> Predictor:
     """The model folder ``model`` as a :class:`~qpcell.predict.Predictor`, loaded once per
     process (reloaded when its files change); ``threads`` sets torch's CPU threads."""
     import torch
@@ -216,7 +219,7 @@ def load_predictor(model: str | Path, device: str | None = None,
         torch.set_num_threads(int(threads))
     folder = Path(model).resolve()
     dev = _worker_device(device)
-    key = f"{folder}|{dev}"
+    key = f"{folder}|{dev}|{backend}"
     stamp = _stamp(folder) if folder.is_dir() else ()
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
@@ -224,7 +227,8 @@ def load_predictor(model: str | Path, device: str | None = None,
             return hit[1]
         for k in [k for k in _CACHE if k.startswith(f"{folder}|")]:
             del _CACHE[k]  # one model version per folder: frees a replaced model's memory
-        predictor = Predictor.from_bundle(load_model(folder, device=dev), name=str(folder))
+        predictor = Predictor.from_bundle(load_model(folder, device=dev), name=str(folder),
+                                          backend=backend)
         _CACHE[key] = (stamp, predictor)
         return predictor
 
@@ -269,7 +273,7 @@ def start_image(job: PredictionJob, model: str, out: str, options: CohortOptions
                 host_threads: dict[str, int] | None = None) -> DoneImage | SplitSlide:
     """First task of an image (on a worker): plan it; predict and write it when small."""
     threads = worker_threads(options.torch_threads, host_threads)
-    predictor = load_predictor(model, options.device, threads)
+    predictor = load_predictor(model, options.device, threads, options.backend)
     t0 = time.perf_counter()
     output_paths(Path(out), job.name)["geojson"].unlink(missing_ok=True)  # the marker first
     with _open(job) as slide:
@@ -296,7 +300,7 @@ def run_block(job: PredictionJob, model: str, plan: TilePlan, options: CohortOpt
     import shapely
 
     threads = worker_threads(options.torch_threads, host_threads)
-    predictor = load_predictor(model, options.device, threads)
+    predictor = load_predictor(model, options.device, threads, options.backend)
     t0 = time.perf_counter()
     if plan.regions is not None:
         shapely.prepare(plan.regions)  # preparation does not survive pickling

@@ -82,6 +82,9 @@ class TrainConfig:
     val_fraction: float = 0.3  # S-DRDIN 2.1: 7:3 train/validation split
     seed: int = 0
     num_workers: int | None = None  # DataLoader workers; None = by device and cores
+    # "auto": bfloat16 autocast and channels-last where the hardware computes bf16 natively
+    # (CUDA; CPUs with AVX512-BF16 or AMX: about 2.5x faster steps here); "fp32" or "bf16"
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)

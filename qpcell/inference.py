@@ -8,6 +8,11 @@ Backends
     The module as it is: NCHW float32 (autocast to bf16/fp16 on CUDA).
 ``"torch"``
     A copy of the module in channels-last memory format (same weights; autocast on CUDA).
+``"torch-bf16"``
+    ``"torch"`` under bfloat16 autocast on any device: on CPUs with native bf16 (AVX512-BF16,
+    AMX; :func:`qpcell.device.cpu_has_bf16`) about three times the float32 throughput. Maps
+    differ from float32 by up to about 1e-2 (probabilities); ``benchmarks/precision.py``
+    measures what that does to detection and classification F1.
 ``"onnxruntime"``
     The module exported once to ONNX (in memory, dynamic batch and tile size) and run by ONNX
     Runtime's CPU provider, whose fused, blocked-layout convolutions are several times faster
@@ -16,7 +21,8 @@ Backends
     maps to :data:`CHECK_TOLERANCE` on a test tile of another size than the one exported;
     otherwise (or when the export fails) the ``"torch"`` backend is used, with a warning.
 ``"fast"``
-    ``"onnxruntime"`` on CPU when it is installed, else ``"torch"``. What ``qpcell predict``
+    On CPU: ``"torch-bf16"`` where the CPU has native bf16, else ``"onnxruntime"`` when it is
+    installed, else ``"torch"``; on other devices ``"torch"``. What ``qpcell predict``
     runs (:meth:`qpcell.predict.Predictor.from_bundle` sets it with :func:`using_backend`).
 ``"auto"`` (the default elsewhere: training's validation, ``ModelBundle.predict_maps``)
     ``"fast"`` for calls of at least :data:`AUTO_EXPORT_MIN_PIXELS` pixels (batch x height x
@@ -45,10 +51,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from qpcell.device import autocast_dtype
+from qpcell.device import autocast_dtype, cpu_has_bf16
 
 MULTIPLE = 16  # 4 poolings by 2 (S-DRDIN 2.3): sizes must divide by 16
-BACKENDS = ("auto", "fast", "onnxruntime", "torch", "eager")
+BACKENDS = ("auto", "fast", "onnxruntime", "torch-bf16", "torch", "eager")
 #: Largest difference (probabilities) an exported model may show against eager PyTorch.
 CHECK_TOLERANCE = 1e-4
 #: ``"auto"`` uses ONNX Runtime for calls of at least this many pixels (one 512 px tile).
@@ -109,14 +115,21 @@ class _LogitsModule(torch.nn.Module):
 
 
 class _TorchRunner:
-    """A module on its device; ``channels_last`` copies it in that memory format."""
+    """A module on its device; ``channels_last`` copies it in that memory format.
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, channels_last: bool) -> None:
+    ``bf16`` runs it under bfloat16 autocast; otherwise it autocasts only on CUDA
+    (:func:`qpcell.device.autocast_dtype`).
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, channels_last: bool,
+                 bf16: bool = False) -> None:
         self.device = device
         self.channels_last = channels_last
         self.model = (copy.deepcopy(model).to(memory_format=torch.channels_last)
                       if channels_last else model)
-        self.name = "torch" if channels_last else "eager"
+        self.amp = (torch.bfloat16 if bf16 else
+                    autocast_dtype(device, "auto" if device.type == "cuda" else "fp32"))
+        self.name = "torch-bf16" if bf16 else "torch" if channels_last else "eager"
 
     def __call__(self, tiles: np.ndarray) -> Maps:
         tiles = np.asarray(tiles)
@@ -126,10 +139,9 @@ class _TorchRunner:
         x = to_tensor(tiles, self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        amp = autocast_dtype(self.device)
         with torch.inference_mode(), torch.autocast(self.device.type,
-                                                     dtype=amp or torch.float32,
-                                                     enabled=amp is not None):
+                                                     dtype=self.amp or torch.float32,
+                                                     enabled=self.amp is not None):
             det, cls = self.model.maps(self.model(x))
         det_np = det[:, :h, :w].float().cpu().numpy()
         cls_np = None if cls is None else cls[:, :, :h, :w].float().cpu().numpy()
@@ -242,8 +254,12 @@ def resolve_backend(backend: str, device: torch.device, pixels: int | None = Non
     if backend == "auto":
         backend = "fast" if pixels is None or pixels >= AUTO_EXPORT_MIN_PIXELS else "torch"
     if backend == "fast":
-        backend = ("onnxruntime" if device.type == "cpu" and onnxruntime_available()
-                   else "torch")
+        if device.type != "cpu":
+            backend = "torch"
+        elif cpu_has_bf16():
+            backend = "torch-bf16"
+        else:
+            backend = "onnxruntime" if onnxruntime_available() else "torch"
     return backend
 
 
@@ -278,7 +294,7 @@ def _build(model: torch.nn.Module, device: torch.device, backend: str):
                 return runner
             warnings.warn(f"ONNX Runtime differs from PyTorch by {diff:.2g} for "
                           f"{type(model).__name__}; using PyTorch", stacklevel=3)
-    return _TorchRunner(model, device, True)
+    return _TorchRunner(model, device, True, bf16=backend == "torch-bf16")
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

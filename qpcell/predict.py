@@ -369,11 +369,12 @@ def run_plan(slide: Slide, plan: TilePlan, map_fn: MapFn, postprocess_fn: Postpr
 # a model, jobs, and the output folder
 # --------------------------------------------------------------------------------------------
 
-def _fast_maps(predict_maps: MapFn, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """``predict_maps(tiles)`` on the fastest inference backend (ONNX Runtime on CPUs)."""
+def _backend_maps(predict_maps: MapFn, backend: str, tiles: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``predict_maps(tiles)`` on the inference backend ``backend`` (:mod:`qpcell.inference`)."""
     from qpcell.inference import using_backend
 
-    with using_backend("fast"):
+    with using_backend(backend):
         return predict_maps(tiles)
 
 
@@ -394,15 +395,21 @@ class Predictor:
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def from_bundle(cls, bundle, name: str | None = None) -> Predictor:
+    def from_bundle(cls, bundle, name: str | None = None, backend: str = "fast") -> Predictor:
         """From ``qpcell.checkpoint.ModelBundle`` (``load_model``); its maps are computed
-        by the ``"fast"`` inference backend (:mod:`qpcell.inference`: ONNX Runtime on CPUs,
-        channels-last PyTorch with autocast on GPUs)."""
+        by the inference ``backend`` (:mod:`qpcell.inference`; ``"fast"``: bf16 PyTorch on
+        CPUs with native bf16, else ONNX Runtime on CPUs, channels-last PyTorch with autocast
+        on GPUs)."""
+        from qpcell.inference import BACKENDS
+
+        if backend not in BACKENDS:
+            raise QpcellError(f"unknown inference backend {backend!r}; choose from "
+                              f"{', '.join(BACKENDS)}")
         reach = int(bundle.postprocess.reach_px)
         if getattr(bundle, "postprocess_kind", "sdrdin") == "peaks":
             peaks = bundle.meta.get("peaks", {})
             reach = max(reach, int(math.ceil(float(peaks.get("min_distance_px", 3)))) + 1)
-        return cls(partial(_fast_maps, bundle.predict_maps), bundle.to_detections,
+        return cls(partial(_backend_maps, bundle.predict_maps, backend), bundle.to_detections,
                    tuple(bundle.classes), bundle.mpp,
                    reach, name or str(getattr(bundle, "path", "model")),
                    {"architecture": getattr(bundle, "name", None),

@@ -338,6 +338,9 @@ def train(
     val_set = [by_name[n] for n in split[1] if n in by_name]
 
     model = create_model(model_name, len(classes), **(model_kwargs or {})).to(device)
+    amp = autocast_dtype(device, train_cfg.precision)
+    layout = torch.channels_last if amp is not None else torch.contiguous_format
+    model.to(memory_format=layout)
     kind = getattr(model, "postprocess_kind", "sdrdin")
     make_targets = getattr(model, "target_fn", None)
     target_fn = make_targets(radius) if make_targets else (
@@ -367,7 +370,6 @@ def train(
             wins.extend((i, int(x), int(y)) for x, y in xy0)
         return wins
 
-    amp = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     log_path = out / LOG
     n_patches = 0
@@ -403,7 +405,7 @@ def train(
             for step, (x, targets) in enumerate(loader, 1):
                 if max_steps_per_epoch and step > max_steps_per_epoch:
                     break
-                x = x.to(device, non_blocking=True)
+                x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
                 targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp or torch.float32,

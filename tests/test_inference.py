@@ -10,6 +10,7 @@ import torch
 from qpcell import inference
 from qpcell.checkpoint import load_model, save_model
 from qpcell.config import PostprocessConfig, to_dict
+from qpcell.errors import QpcellError
 from qpcell.inference import (
     AUTO_EXPORT_MIN_PIXELS,
     model_maps,
@@ -85,11 +86,13 @@ def test_single_tile_without_batch_axis():
     assert_maps_close(a, model_maps(model, t, CPU, backend="eager"))
 
 
-def test_auto_picks_the_fast_backend_for_slide_sized_calls_only():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_auto_picks_the_fast_backend_for_slide_sized_calls_only(monkeypatch, bf16):
+    monkeypatch.setattr(inference, "cpu_has_bf16", lambda: bf16)
     small, big = AUTO_EXPORT_MIN_PIXELS - 1, AUTO_EXPORT_MIN_PIXELS
     assert resolve_backend("auto", CPU, small) == "torch"
-    assert resolve_backend("auto", CPU, big) == ("onnxruntime" if onnxruntime_available()
-                                                 else "torch")
+    fp32_fast = "onnxruntime" if onnxruntime_available() else "torch"
+    assert resolve_backend("auto", CPU, big) == ("torch-bf16" if bf16 else fp32_fast)
     assert resolve_backend("auto", torch.device("cuda"), big) == "torch"
     assert resolve_backend("eager", CPU, big) == "eager"
     assert resolve_backend("fast", CPU, 1) == resolve_backend("auto", CPU, big)
@@ -152,7 +155,9 @@ def test_model_whose_export_bakes_shapes_in_is_not_used_exported():
 @needs_ort
 def test_predictor_runs_onnxruntime_and_gives_the_eager_maps(tmp_path, monkeypatch):
     """``qpcell predict``'s path: a saved model, loaded, through ``Predictor.from_bundle``,
-    runs exported whatever the tile size and gives the eager maps."""
+    runs exported whatever the tile size and gives the eager maps (on a CPU without native
+    bf16, where "fast" means ONNX Runtime)."""
+    monkeypatch.setattr(inference, "cpu_has_bf16", lambda: False)
     model = small_model(base=8)
     classes = [{"name": n, "color": [i * 60, 80, 200 - i * 60]}
                for i, n in enumerate(["a", "b", "c"])]
@@ -190,3 +195,33 @@ def test_cuda_channels_last_with_autocast_is_close_to_fp32():
     got = model_maps(model, t, torch.device("cuda"))
     ref = model_maps(model.cpu(), t, CPU, backend="eager")
     assert_maps_close(got, ref, tol=2e-2)  # bf16 / fp16 autocast
+
+
+def test_bf16_backend_is_close_to_float32_and_says_what_it_is():
+    model = small_model()
+    t = tiles((2, 64, 48))
+    runner = inference.runner_for(model, CPU, "torch-bf16")
+    assert runner.name == "torch-bf16" and runner.amp == torch.bfloat16
+    det, cls = runner(t)
+    ref_det, ref_cls = model_maps(model, t, CPU, backend="eager")
+    assert det.dtype == np.float32 and det.shape == ref_det.shape
+    # bfloat16 keeps 8 bits of mantissa: close to float32, but not equal to it
+    assert 0 < np.max(np.abs(det - ref_det)) < 0.05
+    assert np.max(np.abs(cls - ref_cls)) < 0.05
+
+
+def test_predictor_uses_the_backend_it_is_given(tmp_path):
+    model = small_model(base=8)
+    save_model(tmp_path / "m", model, {"classes": [{"name": "a", "color": [1, 2, 3]},
+                                                   {"name": "b", "color": [3, 2, 1]},
+                                                   {"name": "c", "color": [9, 9, 9]}],
+                                       "mpp": 0.44, "postprocess_kind": "sdrdin",
+                                       "postprocess": to_dict(PostprocessConfig())})
+    bundle = load_model(tmp_path / "m", device="cpu")
+    t = tiles((1, 64, 64), seed=3)
+    bf16 = Predictor.from_bundle(bundle, backend="torch-bf16").map_fn(t)
+    fp32 = Predictor.from_bundle(bundle, backend="eager").map_fn(t)
+    assert_maps_close(fp32, model_maps(bundle.models["model"], t, CPU, backend="eager"))
+    assert np.max(np.abs(bf16[0] - fp32[0])) > 0  # it did run in bf16
+    with pytest.raises(QpcellError, match="unknown inference backend 'tensorrt'"):
+        Predictor.from_bundle(bundle, backend="tensorrt")

@@ -25,17 +25,18 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
                    mpp: float | None = None, overwrite: bool = False, tissue: bool = True,
                    workers: int | None = None, show: bool = True,
                    region_geoms: list | None = None, jobs: list | None = None,
-                   cluster: ClusterArgs | None = None) -> list:
+                   cluster: ClusterArgs | None = None, backend: str = "fast") -> list:
     """Load ``model``, predict every image of ``source`` into ``out``, show progress.
 
     ``region_geoms`` (shapely, full-resolution px) limits every image to those regions;
     ``jobs`` (``qpcell.predict.PredictionJob``) replaces the images found in ``source``.
-    ``cluster`` runs the images on Dask (:mod:`qpcell.cohort`) instead of in this process:
+    ``backend`` is the inference backend (:mod:`qpcell.inference`). ``cluster`` runs the images on Dask (:mod:`qpcell.cohort`) instead of in this process:
     images that fail there are listed, the others written, and a :class:`QpcellError`
     summarising the failures is raised at the end.
     """
     from qpcell.checkpoint import load_model
     from qpcell.device import describe
+    from qpcell.inference import resolve_backend
     from qpcell.predict import Predictor, collect_jobs, predict_to_folder
 
     if tile_size % 16 or tile_size < 64:
@@ -46,17 +47,18 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
         return _run_on_cluster(model, source, out, cluster, regions=regions, device=device,
                                batch_size=batch_size, tile_size=tile_size, mpp=mpp,
                                overwrite=overwrite, tissue=tissue, workers=workers, show=show,
-                               region_geoms=region_geoms, jobs=jobs)
+                               region_geoms=region_geoms, jobs=jobs, backend=backend)
     bundle = load_model(model, device=device)
     if jobs is None:
         jobs = collect_jobs(source, regions=regions, mpp=mpp)
     if region_geoms is not None:
         for job in jobs:
             job.regions = list(region_geoms)
-    predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()))
+    predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()), backend=backend)
     if show:
         console.print(f"model [bold]{bundle.name}[/] ({len(bundle.classes)} classes, "
-                      f"{bundle.mpp or 'native'} µm/px) on {describe(bundle.device)}; "
+                      f"{bundle.mpp or 'native'} µm/px) on {describe(bundle.device)} "
+                      f"({resolve_backend(backend, bundle.device)}); "
                       f"{len(jobs)} image(s)", highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -117,7 +119,8 @@ class ClusterArgs:
 def _run_on_cluster(model: Path, source: Path, out: Path, cluster: ClusterArgs, *,
                     regions: str, device: str | None, batch_size: int, tile_size: int,
                     mpp: float | None, overwrite: bool, tissue: bool, workers: int | None,
-                    show: bool, region_geoms: list | None, jobs: list | None) -> list:
+                    show: bool, region_geoms: list | None, jobs: list | None,
+                    backend: str) -> list:
     from qpcell.checkpoint import load_model
     from qpcell.cohort import CohortOptions, cohort_client, predict_cohort
     from qpcell.predict import Predictor, collect_jobs
@@ -128,8 +131,8 @@ def _run_on_cluster(model: Path, source: Path, out: Path, cluster: ClusterArgs, 
     if region_geoms is not None:
         for job in jobs:
             job.regions = list(region_geoms)
-    predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()))
-    options = CohortOptions(device=device, tile_size=tile_size, batch_size=batch_size,
+    predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()), backend=backend)
+    options = CohortOptions(device=device, backend=backend, tile_size=tile_size, batch_size=batch_size,
                             tissue=tissue, post_workers=workers,
                             torch_threads=cluster.torch_threads, retries=cluster.retries,
                             block_tiles=cluster.block_tiles)
@@ -194,6 +197,9 @@ def predict_command(
                                       "available)."),
     batch_size: int = typer.Option(4, help="Tiles per forward pass."),
     tile_size: int = typer.Option(512, help="Tile side in px at the model's scale."),
+    backend: str = typer.Option("fast", help="Inference backend: 'fast' (bf16 on CPUs with "
+                                "native bf16, else ONNX Runtime; autocast on GPUs), "
+                                "'onnxruntime' (float32 CPU), 'torch-bf16', 'torch', 'eager'."),
     mpp: float | None = typer.Option(None, help="Pixel size (µm/px) of the images, overriding "
                                      "what the files say."),
     tissue: bool = typer.Option(True, help="Skip tiles without tissue (large images)."),
@@ -232,4 +238,5 @@ def predict_command(
                               retries, block_tiles)
     run_prediction(model, source, out, regions=regions, device=device, batch_size=batch_size,
                    tile_size=tile_size, mpp=mpp, overwrite=overwrite, tissue=tissue,
-                   workers=workers, region_geoms=region_geoms, cluster=cluster)
+                   workers=workers, region_geoms=region_geoms, cluster=cluster,
+                   backend=backend)

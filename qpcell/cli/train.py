@@ -18,6 +18,7 @@ from rich.table import Table
 
 from qpcell.cli._app import app, console, err_console
 from qpcell.config import PAPER_MPP, MaskConfig, PatchConfig, TrainConfig
+from qpcell.device import PRECISIONS
 from qpcell.errors import QpcellError
 from qpcell.train import EpochSummary, TrainCallbacks, TrainResult
 
@@ -123,6 +124,9 @@ def train_command(
     batch_size: int = typer.Option(TrainConfig.batch_size, help="Patches per batch (S-DRDIN: 4)."),
     lr: float = typer.Option(TrainConfig.lr, help="Adam learning rate (S-DRDIN: 1e-3)."),
     seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
+    precision: str = typer.Option(TrainConfig.precision, help="'auto': bf16 autocast and "
+                                  "channels-last where the hardware computes bf16 natively "
+                                  "(CUDA, CPUs with AVX512-BF16/AMX); 'fp32'; 'bf16'."),
     mpp: float | None = typer.Option(None, help="Pixel size (µm/px) of images that do not "
                                      "carry one."),
     model_mpp: str = typer.Option(str(PAPER_MPP), help="µm/px the model works at "
@@ -168,6 +172,8 @@ def train_command(
         raise QpcellError(f"--patch-size {patch_size} must be a multiple of 16, at least 32")
     if not 0 < stride <= patch_size:
         raise QpcellError(f"--stride {stride} must be between 1 and --patch-size")
+    if precision not in PRECISIONS:
+        raise QpcellError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     if epochs < 1 or batch_size < 1:
         raise QpcellError("--epochs and --batch-size must be at least 1")
     roots = {}
@@ -200,7 +206,8 @@ def train_command(
     result = run_training(
         classes, annotated, out, model,
         model_mpp=model_mpp_value, fallback_mpp=mpp,
-        train_cfg=replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
+        train_cfg=replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          precision=precision),
         patch_cfg=replace(PatchConfig(), size=patch_size, stride=stride,
                           background_fraction=background_fraction, rotate90=rotate90),
         match_radius_px=match_radius,
