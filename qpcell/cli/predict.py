@@ -30,7 +30,8 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
 
     ``region_geoms`` (shapely, full-resolution px) limits every image to those regions;
     ``jobs`` (``qpcell.predict.PredictionJob``) replaces the images found in ``source``.
-    ``backend`` is the inference backend (:mod:`qpcell.inference`). ``cluster`` runs the images on Dask (:mod:`qpcell.cohort`) instead of in this process:
+    ``backend`` is the inference backend (:mod:`qpcell.inference`). ``cluster`` runs the
+    images on Dask (:mod:`qpcell.cohort`) instead of in this process:
     images that fail there are listed, the others written, and a :class:`QpcellError`
     summarising the failures is raised at the end.
     """
@@ -132,7 +133,8 @@ def _run_on_cluster(model: Path, source: Path, out: Path, cluster: ClusterArgs, 
         for job in jobs:
             job.regions = list(region_geoms)
     predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()), backend=backend)
-    options = CohortOptions(device=device, backend=backend, tile_size=tile_size, batch_size=batch_size,
+    options = CohortOptions(device=device, backend=backend, tile_size=tile_size,
+                            batch_size=batch_size,
                             tissue=tissue, post_workers=workers,
                             torch_threads=cluster.torch_threads, retries=cluster.retries,
                             block_tiles=cluster.block_tiles)
