@@ -188,6 +188,8 @@ class Settings:
     prior_epochs: int = 10  # MTL-IHC's early-stopped prior model (paper: 10)
     lr: float | None = None  # S-DRDIN family / U-Net learning rate (None: the paper's 1e-3)
     precision: str = "auto"  # TrainConfig.precision: bf16 where the hardware has it
+    rare_repeats: int = 0  # PatchConfig.rare_repeats: extra draws of rare-class windows
+    lr_schedule: str = "constant"  # TrainConfig.lr_schedule
 
 
 def _train_kwargs(ds: Dataset, st: Settings, seed: int) -> dict:
@@ -196,8 +198,9 @@ def _train_kwargs(ds: Dataset, st: Settings, seed: int) -> dict:
     return {
         "model_mpp": None,
         "train_cfg": replace(TrainConfig(), epochs=st.epochs, seed=seed,
-                             lr=st.lr or TrainConfig().lr, precision=st.precision),
-        "patch_cfg": replace(PatchConfig(), size=st.patch_size),
+                             lr=st.lr or TrainConfig().lr, precision=st.precision,
+                             lr_schedule=st.lr_schedule),
+        "patch_cfg": replace(PatchConfig(), size=st.patch_size, rare_repeats=st.rare_repeats),
         "match_radius_px": ds.radius_px,
         "device": st.device,
         "max_steps_per_epoch": st.max_steps,
@@ -298,7 +301,7 @@ def run_method(method: str, ds: Dataset, st: Settings, seed: int, workdir: Path
     facts["postprocess"] = (bundle.meta.get("peaks") if bundle.postprocess_kind == "peaks"
                             else {k: getattr(bundle.postprocess, k) for k in
                                   ("threshold", "min_area_px", "peak_window_px",
-                                   "class_box_px")})
+                                   "class_box_px", "class_gain")})
     t1 = time.perf_counter()
     preds = predict_test(bundle, ds)
     facts["predict_seconds"] = time.perf_counter() - t1
@@ -456,6 +459,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="S-DRDIN label disc radius, native px (default 2)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="training precision (default auto: bf16 where the hardware has it)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning-rate schedule (default constant, as S-DRDIN)")
+    p.add_argument("--rare-repeats", type=int, default=0,
+                   help="extra draws per epoch of windows holding a rare-class cell (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-test", type=int, default=None, help="score only N test images")
@@ -510,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except QpcellError as err:
         sys.exit(f"accuracy benchmark: {err}")
     st = Settings(args.epochs, args.patch_size, args.disc_radius, args.device,
-                  prior_epochs=min(10, args.epochs), lr=args.lr, precision=args.precision)
+                  prior_epochs=min(10, args.epochs), lr=args.lr, precision=args.precision,
+                  rare_repeats=args.rare_repeats, lr_schedule=args.lr_schedule)
     if args.smoke:
         st = replace(st, max_steps=2, base=4, mtl_channels=16, prior_epochs=1)
     names = [c.name for c in ds.classes]
@@ -522,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qpcell-accuracy-") as tmp:
         workdir = args.workdir or Path(tmp)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
             for method in args.methods:
                 print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed} ...", flush=True)
@@ -532,6 +542,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                        "report": {k: v for k, v in report.to_dict().items()
                                   if k != "per_image"}}
                 runs.append(row)
+                if args.json:  # every finished run is kept, should a later one fail
+                    partial = args.json.with_suffix(".partial.json")
+                    partial.write_text(json.dumps({"runs": runs}, default=_plain),
+                                       encoding="utf-8")
                 s = row["scores"]
                 print(f"    detection F1 {s['detection_f1']:.3f}  weighted F1 "
                       f"{s['weighted_f1']:.3f}  class-aware F1 {s['mean_class_aware_f1']:.3f}"
@@ -549,7 +563,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "model_mpp": None, "quick": args.quick, "smoke": args.smoke,
                      "max_steps_per_epoch": st.max_steps, "base": st.base,
                      "mtl_channels": st.mtl_channels, "prior_epochs": st.prior_epochs,
-                     "lr": st.lr, "precision": st.precision, "prior_class": ds.prior_class,
+                     "lr": st.lr, "precision": st.precision,
+                     "rare_repeats": st.rare_repeats, "lr_schedule": st.lr_schedule,
+                     "prior_class": ds.prior_class,
                      "nucleus_radius_px": ds.nucleus_radius_px},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),
@@ -565,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.markdown.write_text(text, encoding="utf-8")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.with_suffix(".partial.json").unlink(missing_ok=True)
         args.json.write_text(json.dumps(result, indent=1, allow_nan=False, default=_plain),
                              encoding="utf-8")
     return result

@@ -16,6 +16,8 @@ its halo, at the model's pixel size.
   a float tensor): ms per tile, Mpx/s (tile pixels) and GMAC/s.
 * **default forward**: ``ModelBundle.predict_maps`` (``qpcell.inference``'s default backend)
   on the same tiles in batches of ``--batch-size``, uint8 in, maps out.
+* **fp32 forward**: the same through the float32 ONNX Runtime backend (the default before
+  bf16), for before/after in one run.
 * **post-processing**: ``ModelBundle.to_detections`` on each tile's maps (ms per tile, and as
   a share of the eager and of the default model time).
 * **pipeline**: ``qpcell.predict.predict_to_folder`` through ``Predictor.from_bundle`` on the
@@ -68,7 +70,12 @@ TILE = 512
 UM2_PER_CM2 = 1e8
 
 
+#: The float32 backend timed beside the default one (the default before bf16).
+FP32_BACKEND = "onnxruntime"
+
+
 # --------------------------------------------------------------------------- machine
+
 def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
@@ -285,7 +292,14 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
     def default_forward():
         return [predictor.map_fn(tiles[i:i + batch_size]) for i in range(0, n, batch_size)]
 
+    def fp32_forward():  # the float32 CPU backend, for before/after in one run
+        from qpcell.inference import using_backend
+
+        with using_backend(FP32_BACKEND):
+            return [bundle.predict_maps(tiles[i:i + batch_size]) for i in range(0, n, batch_size)]
+
     maps = default_forward()  # builds the default backend, outside the timing
+    fp32_forward()
     try:
         from qpcell.inference import runner_for
 
@@ -328,8 +342,8 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
 
     eager()
     pipeline()  # warm (file cache, thread pools)
-    t = _round_robin({"read": read, "eager": eager, "default": default_forward, "post": post,
-                      "pipeline": pipeline}, repeats)
+    t = _round_robin({"read": read, "eager": eager, "default": default_forward,
+                      "fp32": fp32_forward, "post": post, "pipeline": pipeline}, repeats)
     slide.close()
     eager_t, default, post_t, pipe = t["eager"] / n, t["default"] / n, t["post"] / n, t["pipeline"]
     pipe_mpx_s = block_px / 1e6 / pipe
@@ -347,6 +361,10 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
         "default_forward": {"ms_per_tile": round(default * 1e3, 1),
                             "mpx_per_s": round(tile_mpx / default, 4),
                             "gmac_per_s": round(gmac / default, 2)},
+        "fp32_forward": {"backend": FP32_BACKEND,
+                         "ms_per_tile": round(t["fp32"] / n * 1e3, 1),
+                         "mpx_per_s": round(tile_mpx / (t["fp32"] / n), 4),
+                         "gmac_per_s": round(gmac / (t["fp32"] / n), 2)},
         "postprocess": {"ms_per_tile": round(post_t * 1e3, 1),
                         "share_of_eager_model": round(post_t / eager_t, 4),
                         "share_of_default_model": round(post_t / default, 4)},
@@ -359,6 +377,7 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
                      "last_run_postprocess_s": round(last["postprocess"], 3)},
         "pipeline_vs_forward": round(pipe_mpx_s / eager_mpx_s, 3),
         "default_vs_eager_forward": round(eager_t / default, 3),
+        "default_vs_fp32_forward": round(t["fp32"] / n / default, 3),
     }
 
 
@@ -444,6 +463,9 @@ def report(r: dict) -> None:
     rows = [("eager forward (fp32, batch 1)", t["eager_forward"]),
             (f"default forward ({t['default_backend']}, batch {t['batch_size']})",
              t["default_forward"])]
+    if "fp32_forward" in t:
+        rows.append((f"fp32 forward ({t['fp32_forward']['backend']}, batch {t['batch_size']})",
+                     t["fp32_forward"]))
     for name, v in rows:
         print(f"  {name:42s} {v['ms_per_tile']:8.1f} ms/tile  {v['mpx_per_s']:7.3f} Mpx/s  "
               f"{v['gmac_per_s']:7.2f} GMAC/s")
@@ -529,6 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = {
         "pipeline_vs_forward": tiles["pipeline_vs_forward"],
         "default_forward_vs_eager_forward": tiles["default_vs_eager_forward"],
+        "default_forward_vs_fp32_forward": tiles["default_vs_fp32_forward"],
         "postprocess_share_of_eager_model": tiles["postprocess"]["share_of_eager_model"],
         "postprocess_share_of_default_model": tiles["postprocess"]["share_of_default_model"],
         "default_model_gmac_s_vs_best_conv_reference": round(default_gmac_s / best_ref, 4),
@@ -536,7 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
             round(tiles["eager_forward"]["gmac_per_s"] / best_ref, 4),
     }
     backend_ref = {"onnxruntime": "onnxruntime fp32", "torch": "torch channels-last fp32",
-                   "eager": "torch eager fp32"}.get(tiles["default_backend"])
+                   "eager": "torch eager fp32",
+                   "torch-bf16": "torch channels-last bf16"}.get(tiles["default_backend"])
     if backend_ref in ref:
         ratios["default_model_gmac_s_vs_same_backend_conv"] = round(
             default_gmac_s / ref[backend_ref], 4)

@@ -48,7 +48,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qpcell import __version__
 from qpcell.distributed import usable_cores
 from qpcell.errors import QpcellError
 from qpcell.points import CellClass, Detections
@@ -61,6 +60,7 @@ from qpcell.predict import (
     output_paths,
     plan_tiles,
     run_plan,
+    start_summary,
 )
 
 #: Slides with more tiles than this (after skipping empty ones) are split into blocks.
@@ -498,7 +498,7 @@ def predict_cohort(jobs: Sequence[PredictionJob], model: str | Path, out: str | 
     """
     from distributed import as_completed
 
-    from qpcell.io.outputs import read_json, write_json
+    from qpcell.io.outputs import write_json
 
     t_start = time.perf_counter()
     model = str(Path(model).resolve())
@@ -507,28 +507,11 @@ def predict_cohort(jobs: Sequence[PredictionJob], model: str | Path, out: str | 
 
         predictor = Predictor.from_bundle(load_model(model, device="cpu"), name=model)
     out = Path(out)
-    dupes = sorted(n for n, k in Counter(j.name for j in jobs).items() if k > 1)
-    if dupes:
-        raise QpcellError(f"several images are named {dupes[0]!r}; their outputs would clash")
     if options.retries < 0 or options.block_tiles < 1:
         raise QpcellError(f"retries {options.retries} must be at least 0 and block tiles "
                           f"{options.block_tiles} at least 1")
-    out.mkdir(parents=True, exist_ok=True)
+    summary = start_summary(out, jobs, predictor, overwrite)
     summary_path = out / SUMMARY_FILE
-    old = read_json(summary_path) or {}
-    if old and old.get("model") != predictor.name:
-        if not overwrite:
-            raise QpcellError(f"holds predictions of another model ({old.get('model')}); use "
-                              "--overwrite to replace them or another --out folder", out)
-        old = {}
-    summary = {
-        "qpcell_version": __version__,
-        "model": predictor.name,
-        "model_info": predictor.info,
-        "classes": [{"name": c.name, "color": list(c.color)} for c in predictor.classes],
-        "model_mpp": predictor.mpp,
-        "images": dict(old.get("images", {})),
-    }
     emit = on_event or (lambda event: None)
     n = len(jobs)
     items: list[ImageResult | SlideFailure | None] = [None] * n

@@ -30,6 +30,10 @@ class PatchConfig:
     background_fraction: float = 0.1  # share of cell-free patches kept (not in the paper)
     flips: bool = True  # S-DRDIN 2.2: random horizontal and vertical flips
     rotate90: bool = False  # optional, not in the paper
+    # Not in the paper: windows holding a cell of a rare class (under rare_share of the
+    # training points) are drawn rare_repeats more times per epoch; 0 = the paper's sampling.
+    rare_share: float = 0.05
+    rare_repeats: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,10 @@ class PostprocessConfig:
     min_area_px: float = 50.0  # S-DRDIN 2.5: components smaller than 50 px are dropped
     peak_window_px: int = 15  # S-DRDIN 2.5: local maxima in a 15x15 window
     class_box_px: int = 49  # S-DRDIN 2.5: mean class probability in a 49x49 box
+    # Not in the papers: per-class factors on the box means before the class is chosen (a
+    # prior shift, p'_c = g_c p_c / sum_k g_k p_k), tuned on validation so that rare classes
+    # are predicted at all; () = every factor 1, the paper's plain argmax.
+    class_gain: tuple[float, ...] = ()
     mpp: float = PAPER_MPP  # S-DRDIN 2.2
 
     def scaled(self, mpp: float) -> PostprocessConfig:
@@ -78,6 +86,8 @@ class TrainConfig:
     epochs: int = 100  # S-DRDIN 2.3: 100 epochs
     batch_size: int = 4  # S-DRDIN 2.3: batch size 4
     lr: float = 1e-3  # S-DRDIN 2.3: Adam, learning rate 1e-3
+    # S-DRDIN 2.3 keeps the learning rate constant; "cosine" lowers it to 0 by the last epoch
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0  # S-DRDIN: none stated
     val_fraction: float = 0.3  # S-DRDIN 2.1: 7:3 train/validation split
     seed: int = 0

@@ -126,6 +126,39 @@ def sample_windows(image_hw, xy, *, size: int = _PC.size, stride: int = _PC.stri
     return np.stack([x0[keep], y0[keep]], axis=1).astype(np.int64)
 
 
+def rare_class_windows(windows: Sequence[tuple[int, int, int]],
+                       points: Sequence[tuple[np.ndarray, np.ndarray]], n_classes: int,
+                       size: int, *, share: float, repeats: int) -> list[tuple[int, int, int]]:
+    """``windows`` plus ``repeats`` more copies of each window holding a rare-class point.
+
+    Parameters
+    ----------
+    windows
+        ``(image_index, x0, y0)`` training windows (pixels).
+    points
+        Per image, ``(xy (N, 2) pixels, labels (N,))``.
+    n_classes, size
+        Number of cell classes; window side in pixels.
+    share, repeats
+        A class is rare when it holds fewer than ``share`` of all the points (and at least
+        one); windows with one of its points appear ``1 + repeats`` times.
+    """
+    counts = np.zeros(n_classes, np.int64)
+    for _, labels in points:
+        counts += np.bincount(np.asarray(labels, np.int64), minlength=n_classes)[:n_classes]
+    rare = np.flatnonzero((counts > 0) & (counts < share * max(1, counts.sum())))
+    out = list(windows)
+    if repeats <= 0 or rare.size == 0:
+        return out
+    extra = []
+    for i, x0, y0 in windows:
+        xy, labels = points[i]
+        sel = np.isin(np.asarray(labels), rare)
+        if sel.any() and count_points_in_windows(np.asarray(xy)[sel], [x0], [y0], size)[0]:
+            extra.append((i, x0, y0))
+    return out + extra * int(repeats)
+
+
 def stack_windows(per_image: Sequence[np.ndarray]) -> np.ndarray:
     """``(K, 3)`` int64 ``(image_index, x0, y0)`` from one ``(K_i, 2)`` array per image."""
     parts = [np.column_stack([np.full(len(w), i, dtype=np.int64), np.asarray(w, np.int64)])
@@ -297,4 +330,5 @@ class PatchDataset(Dataset):
 
 
 __all__ = ["PAD_VALUE", "grid_starts", "count_points_in_windows", "sample_windows",
+           "rare_class_windows",
            "stack_windows", "PatchDataset"]

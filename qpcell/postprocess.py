@@ -123,6 +123,21 @@ def _normalise(probs: np.ndarray) -> np.ndarray:
     return np.where(total > 0, probs / np.where(total > 0, total, 1.0), uniform)
 
 
+def apply_class_gain(probs: np.ndarray, gain) -> np.ndarray:
+    """``(N, C)`` class probabilities times the per-class ``gain`` (``C`` factors >= 0),
+    renormalised to sum to 1: a shift of the class priors. The cell's class is their argmax.
+
+    >>> apply_class_gain(np.array([[0.7, 0.3]]), (1.0, 3.0)).round(4).tolist()
+    [[0.4375, 0.5625]]
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    gain = np.asarray(gain, dtype=np.float64)
+    if gain.shape != probs.shape[1:] or np.any(gain < 0) or not np.all(np.isfinite(gain)):
+        raise QpcellError(f"class gains {gain.tolist()} must be {probs.shape[1]} finite "
+                          "factors >= 0, one per class")
+    return _normalise(probs * gain)
+
+
 def _round_half_up(v: np.ndarray) -> np.ndarray:
     return np.floor(v + 0.5).astype(np.int64)
 
@@ -336,7 +351,8 @@ def postprocess_sdrdin(det: np.ndarray, cls: np.ndarray | None, cfg: Postprocess
         gets class 0 and probability 1 for it).
     cfg
         Threshold, minimum area, peak window and class box, in pixels of this map
-        (use ``cfg.scaled(map_mpp)``).
+        (use ``cfg.scaled(map_mpp)``), and the class gains (``cfg.class_gain``: the box
+        means are multiplied by them and renormalised before the argmax).
     classes
         The model's classes (``C`` of them).
     normalize
@@ -377,6 +393,8 @@ def postprocess_sdrdin(det: np.ndarray, cls: np.ndarray | None, cfg: Postprocess
         probs = box_means(cls, rows, cols, int(cfg.class_box_px))
         if normalize:
             probs = _normalise(probs)
+        if cfg.class_gain:
+            probs = apply_class_gain(probs, cfg.class_gain)
     labels = np.argmax(probs, axis=1)
     return Detections(xy, labels, scores, probs.astype(np.float32), classes)
 
@@ -456,5 +474,5 @@ def _suppress(xy: np.ndarray, radius: float) -> np.ndarray:
 
 
 __all__ = ["postprocess_sdrdin", "postprocess_peaks", "cell_centres", "window_peaks", "box_means",
-           "squared_distances",
+           "apply_class_gain", "squared_distances",
            "merge_radius_px", "MERGE_RADIUS_UM"]

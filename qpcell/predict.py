@@ -559,6 +559,33 @@ class _CellWriter:
         self.geojson.write("]}")
 
 
+def start_summary(out: Path, jobs: Sequence[PredictionJob], predictor: Predictor,
+                  overwrite: bool) -> dict:
+    """Check ``jobs`` against the output folder ``out`` (created) and start its summary.
+
+    Raises :class:`QpcellError` when two jobs share a name, or when ``out`` holds predictions
+    of another model and not ``overwrite``. Entries of images predicted before are kept.
+    """
+    dupes = sorted(n for n, k in Counter(j.name for j in jobs).items() if k > 1)
+    if dupes:
+        raise QpcellError(f"several images are named {dupes[0]!r}; their outputs would clash")
+    out.mkdir(parents=True, exist_ok=True)
+    old = read_json(out / SUMMARY_FILE) or {}
+    if old and old.get("model") != predictor.name:
+        if not overwrite:
+            raise QpcellError(f"holds predictions of another model ({old.get('model')}); use "
+                              "--overwrite to replace them or another --out folder", out)
+        old = {}
+    return {
+        "qpcell_version": __version__,
+        "model": predictor.name,
+        "model_info": predictor.info,
+        "classes": [{"name": c.name, "color": list(c.color)} for c in predictor.classes],
+        "model_mpp": predictor.mpp,
+        "images": dict(old.get("images", {})),
+    }
+
+
 def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: str | Path, *,
                       overwrite: bool = False, tile_size: int = 512, batch_size: int = 4,
                       halo: int | None = None, tissue: bool = True, workers: int | None = None,
@@ -574,26 +601,9 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
         ``overwrite``).
     """
     out = Path(out)
-    dupes = sorted(n for n, k in Counter(j.name for j in jobs).items() if k > 1)
-    if dupes:
-        raise QpcellError(f"several images are named {dupes[0]!r}; their outputs would clash")
-    out.mkdir(parents=True, exist_ok=True)
-    limit = OVERLAY_MAX_PIXELS if overlay_max_pixels is None else overlay_max_pixels
+    summary = start_summary(out, jobs, predictor, overwrite)
     summary_path = out / SUMMARY_FILE
-    old = read_json(summary_path) or {}
-    if old and old.get("model") != predictor.name:
-        if not overwrite:
-            raise QpcellError(f"holds predictions of another model ({old.get('model')}); use "
-                              "--overwrite to replace them or another --out folder", out)
-        old = {}
-    summary = {
-        "qpcell_version": __version__,
-        "model": predictor.name,
-        "model_info": predictor.info,
-        "classes": [{"name": c.name, "color": list(c.color)} for c in predictor.classes],
-        "model_mpp": predictor.mpp,
-        "images": dict(old.get("images", {})),
-    }
+    limit = OVERLAY_MAX_PIXELS if overlay_max_pixels is None else overlay_max_pixels
     emit = on_event or (lambda event: None)
     results: list[ImageResult] = []
     for index, job in enumerate(jobs):
@@ -673,4 +683,4 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
 __all__ = ["MapFn", "PostprocessFn", "TilePlan", "plan_tiles", "predict_slide", "run_plan",
            "iter_plan",
            "default_halo", "Predictor", "PredictionJob", "ImageResult", "PredictEvent",
-           "collect_jobs", "predict_to_folder", "output_paths", "SUMMARY_FILE"]
+           "collect_jobs", "predict_to_folder", "start_summary", "output_paths", "SUMMARY_FILE"]

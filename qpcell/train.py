@@ -173,6 +173,61 @@ def image_maps(predict_maps: Callable, pixels: np.ndarray, tile: int = 1024
 
 THRESHOLDS = (0.05, *np.round(np.arange(0.1, 0.91, 0.1), 2).tolist())
 CLASS_BOX_FRACTIONS = (1.0, 1 / 2, 1 / 3, 1 / 5, 1 / 10)  # of the paper's 49 px box
+PEAK_WINDOW_FRACTIONS = (1.0, 3 / 4, 1 / 2, 1 / 3)  # of the paper's 15 px window
+#: Class gains tried for each class in turn (:func:`tune_class_gain`).
+GAINS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0)
+#: How much weighted classification F1 the class gains may give up for the rarer classes.
+GAIN_WEIGHTED_F1_SLACK = 0.01
+
+
+def tune_class_gain(dets: Sequence[Detections], truths: Sequence[TrainImage],
+                    classes: Sequence[CellClass], radius_px: float, *, rounds: int = 1
+                    ) -> tuple[tuple[float, ...], float]:
+    """Per-class gains (:attr:`PostprocessConfig.class_gain`) for ``dets`` (found with gain 1).
+
+    Coordinate ascent over :data:`GAINS`, class by class, for the mean class-aware F1 over
+    the classes (paper 003; a class never predicted scores 0 there), keeping weighted
+    classification F1 within :data:`GAIN_WEIGHTED_F1_SLACK` of the gain-1 value. Gains only
+    change classes, never which cells are found.
+
+    Returns
+    -------
+    gains : one factor per class (all 1.0 when nothing helps); weighted_f1 : with them
+    """
+    from qpcell.metrics import score_dataset
+    from qpcell.postprocess import apply_class_gain
+
+    names = [c.name for c in classes]
+    regions = [t.regions for t in truths]
+
+    def score(gain: tuple[float, ...]) -> tuple[float, float]:
+        relabelled = []
+        for d in dets:
+            probs = apply_class_gain(d.class_probs, gain) if len(d) else d.class_probs
+            relabelled.append(replace(d, labels=np.argmax(probs, axis=1) if len(d) else
+                                      d.labels, class_probs=probs.astype(np.float32)))
+        report = score_dataset(list(zip(relabelled, truths, strict=True)), names, radius_px,
+                               regions=regions)
+        aware = float(np.mean([c.total_f1 for c in report.class_aware]))
+        return aware, report.classification.weighted_f1
+
+    gain = (1.0,) * len(classes)
+    best_aware, floor = score(gain)
+    floor -= GAIN_WEIGHTED_F1_SLACK
+    best_weighted = floor + GAIN_WEIGHTED_F1_SLACK
+    for _ in range(rounds):
+        changed = False
+        for k in range(len(classes)):
+            for g in GAINS:
+                trial = (*gain[:k], g, *gain[k + 1:])
+                if trial == gain:
+                    continue
+                aware, weighted = score(trial)
+                if weighted >= floor and aware > best_aware + 1e-9:
+                    gain, best_aware, best_weighted, changed = trial, aware, weighted, True
+        if not changed:
+            break
+    return gain, best_weighted
 
 
 def tune_postprocess(maps: Sequence[tuple[np.ndarray, np.ndarray | None]],
@@ -183,8 +238,10 @@ def tune_postprocess(maps: Sequence[tuple[np.ndarray, np.ndarray | None]],
 
     For ``"sdrdin"`` the detection threshold and the small-component area (the paper's value
     and smaller ones, since the area that survives a threshold depends on the disc radius) are
-    searched for detection F1, then the class box (the paper's and smaller) for weighted
-    classification F1; for ``"peaks"`` the class-map threshold and peak distance.
+    searched for detection F1, then the peak window (the paper's and smaller) and the threshold
+    again; then the class box (the paper's and smaller) for weighted classification F1, and
+    the class gains for the rarer classes (:func:`tune_class_gain`). For ``"peaks"``: the
+    class-map threshold and peak distance.
 
     Returns
     -------
@@ -215,6 +272,16 @@ def tune_postprocess(maps: Sequence[tuple[np.ndarray, np.ndarray | None]],
         return report.detection.f1, report.classification.weighted_f1
 
     best_key, best = max(((score(s), s) for s in grid), key=lambda ks: ks[0])
+    if kind == "sdrdin":
+        # The paper's 15 px window suppresses all but one maximum where cells lie closer than
+        # about 7 px apart (dense tissue, or images at a finer scale than the model's): try
+        # smaller windows with the chosen threshold and area, then the thresholds again.
+        windows = sorted({max(3, round(base.peak_window_px * f) | 1)
+                          for f in PEAK_WINDOW_FRACTIONS}, reverse=True)
+        best_key, best = max(((score({**best, "peak_window_px": w}), {**best,
+                               "peak_window_px": w}) for w in windows), key=lambda ks: ks[0])
+        best_key, best = max(((score({**best, "threshold": t}), {**best, "threshold": t})
+                              for t in THRESHOLDS), key=lambda ks: ks[0])
     if kind == "sdrdin" and len(classes) > 1:
         # The class box does not move cells, only their classes: tune it for class F1 among
         # the paper's 49 px and smaller boxes (a 49 px box averages over neighbours where
@@ -223,10 +290,27 @@ def tune_postprocess(maps: Sequence[tuple[np.ndarray, np.ndarray | None]],
         (f1, cf1), box = max(((score({**best, "class_box_px": b}), b) for b in boxes),
                              key=lambda kb: (kb[0][1], kb[1]))
         best_key, best = (best_key[0], cf1), {**best, "class_box_px": box}
+        gain, cf1 = tune_class_gain(run(best), truths, classes, radius_px)
+        if any(g != 1.0 for g in gain):
+            best_key, best = (best_key[0], cf1), {**best, "class_gain": gain}
     return best, best_key[0], best_key[1]
 
 
 # --------------------------------------------------------------------------- loop
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (1-based): ``cfg.lr``, or for ``"cosine"`` a half cosine
+    from ``cfg.lr`` at epoch 1 towards 0 after the last epoch."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, cfg.epochs)))
+    raise QpcellError(f"unknown learning-rate schedule {cfg.lr_schedule!r}; choose from "
+                      f"{', '.join(LR_SCHEDULES)}")
 
 
 def _state(model, optimizer, epoch: int, best: dict, history: list[EpochSummary],
@@ -296,7 +380,7 @@ def train(
     """
     from qpcell.masks import sdrdin_targets
     from qpcell.models import create_model
-    from qpcell.patches import PatchDataset, sample_windows
+    from qpcell.patches import PatchDataset, rare_class_windows, sample_windows
 
     t_start = time.perf_counter()
     callbacks = callbacks or TrainCallbacks()
@@ -339,6 +423,7 @@ def train(
 
     model = create_model(model_name, len(classes), **(model_kwargs or {})).to(device)
     amp = autocast_dtype(device, train_cfg.precision)
+    epoch_lr(train_cfg, 1)  # an unknown schedule fails now, not after the data is read
     layout = torch.channels_last if amp is not None else torch.contiguous_format
     model.to(memory_format=layout)
     kind = getattr(model, "postprocess_kind", "sdrdin")
@@ -368,7 +453,9 @@ def train(
                                  stride=patch_cfg.stride, regions=d.regions,
                                  background_fraction=patch_cfg.background_fraction, rng=rng)
             wins.extend((i, int(x), int(y)) for x, y in xy0)
-        return wins
+        return rare_class_windows(wins, [(d.xy, d.labels) for d in train_set], len(classes),
+                                  patch_cfg.size, share=patch_cfg.rare_share,
+                                  repeats=patch_cfg.rare_repeats)
 
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     log_path = out / LOG
@@ -384,6 +471,8 @@ def train(
         callbacks.on_start(train_cfg.epochs, batches, start_epoch)
         for epoch in range(start_epoch, train_cfg.epochs + 1):
             t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = epoch_lr(train_cfg, epoch)
             if epoch > start_epoch:
                 windows = windows_for_epoch()
             dataset = PatchDataset([d.pixels for d in train_set],

@@ -157,3 +157,47 @@ def test_corrupt_or_foreign_checkpoints_give_clear_errors(saved_model, tmp_path)
     (folder / "config.json").write_text("{not json")
     with pytest.raises(QpcellError, match="corrupt model description"):
         load_model(folder)
+
+
+def test_precision_chooses_bf16_only_where_asked_or_native(monkeypatch):
+    from qpcell import device as dev
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: False)
+    assert dev.autocast_dtype(cpu) is None
+    assert dev.autocast_dtype(cpu, "bf16") == torch.bfloat16
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: True)
+    assert dev.autocast_dtype(cpu) == torch.bfloat16
+    assert dev.autocast_dtype(cpu, "fp32") is None
+    with pytest.raises(QpcellError, match="unknown precision 'fp8'"):
+        dev.autocast_dtype(cpu, "fp8")
+
+
+def test_bf16_and_fp32_training_both_run_and_differ(tmp_path):
+    classes, data = tiny_data(2, 96)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        rec = Recorder()
+        result = train([], classes, tmp_path / precision, model_kwargs={"base": 4},
+                       model_mpp=None, prepared=data,
+                       train_cfg=replace(TrainConfig(), epochs=1, seed=3, precision=precision),
+                       patch_cfg=PATCH, callbacks=rec, device="cpu", max_steps_per_epoch=3)
+        losses[precision] = [v for _, v in rec.losses]
+        # the saved weights load (channels-last training must not leak into the file)
+        load_model(result.model_dir, device="cpu")
+        assert read_config(result.model_dir)["training"]["config"]["precision"] == precision
+    assert losses["fp32"][0] == pytest.approx(losses["bf16"][0], rel=0.05)
+    assert losses["fp32"] != losses["bf16"]
+
+
+def test_cosine_schedule_falls_from_the_paper_rate_and_constant_stays():
+    from qpcell.train import epoch_lr
+
+    cfg = replace(TrainConfig(), epochs=10, lr=1e-3, lr_schedule="cosine")
+    rates = [epoch_lr(cfg, e) for e in range(1, 11)]
+    assert rates[0] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert 0 < rates[-1] < 0.03e-3
+    assert epoch_lr(replace(cfg, lr_schedule="constant"), 7) == 1e-3
+    with pytest.raises(QpcellError, match="unknown learning-rate schedule 'step'"):
+        epoch_lr(replace(cfg, lr_schedule="step"), 1)

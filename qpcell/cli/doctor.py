@@ -60,6 +60,15 @@ def torch_checks() -> list[Check]:
         extra = "; Apple MPS" if has_mps else ""
         hint = "" if has_mps else "no GPU: training runs on the CPU (slow but works)"
     out.append(Check("device", f"{device}{extra}", True, hint))
+    try:
+        from qpcell.device import cpu_has_bf16
+        from qpcell.inference import resolve_backend
+
+        backend = resolve_backend("fast", torch.device("cpu"))
+        bf16 = "native bf16 (AVX512-BF16/AMX)" if cpu_has_bf16() else "no native bf16"
+        out.append(Check("CPU inference", f"{backend} ({bf16})"))
+    except Exception as err:  # noqa: BLE001 - report, never crash the doctor
+        out.append(Check("CPU inference", f"unknown ({err})", False))
     return out
 
 

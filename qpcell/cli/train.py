@@ -123,6 +123,8 @@ def train_command(
     epochs: int = typer.Option(TrainConfig.epochs, help="Epochs (S-DRDIN: 100)."),
     batch_size: int = typer.Option(TrainConfig.batch_size, help="Patches per batch (S-DRDIN: 4)."),
     lr: float = typer.Option(TrainConfig.lr, help="Adam learning rate (S-DRDIN: 1e-3)."),
+    lr_schedule: str = typer.Option(TrainConfig.lr_schedule, help="'constant' (S-DRDIN) or "
+                                    "'cosine' (down to 0 by the last epoch)."),
     seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
     precision: str = typer.Option(TrainConfig.precision, help="'auto': bf16 autocast and "
                                   "channels-last where the hardware computes bf16 natively "
@@ -207,7 +209,7 @@ def train_command(
         classes, annotated, out, model,
         model_mpp=model_mpp_value, fallback_mpp=mpp,
         train_cfg=replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          precision=precision),
+                          precision=precision, lr_schedule=lr_schedule),
         patch_cfg=replace(PatchConfig(), size=patch_size, stride=stride,
                           background_fraction=background_fraction, rotate90=rotate90),
         match_radius_px=match_radius,

@@ -1,0 +1,82 @@
+"""Class gains: a prior shift on the class probabilities, tuned on validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qpcell.config import PostprocessConfig
+from qpcell.errors import QpcellError
+from qpcell.metrics import score_dataset
+from qpcell.points import Detections, make_classes
+from qpcell.postprocess import apply_class_gain, postprocess_sdrdin
+from qpcell.train import TrainImage, tune_class_gain
+
+CLASSES = make_classes(["common", "rare"])
+
+
+def one_cell_maps(p_rare: float) -> tuple[np.ndarray, np.ndarray]:
+    shape = (64, 64)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    det = ((yy - 32) ** 2 + (xx - 32) ** 2 <= 25).astype(np.float32)
+    cls = np.stack([np.full(shape, 1 - p_rare), np.full(shape, p_rare)]).astype(np.float32)
+    return det, cls
+
+
+def test_gain_shifts_the_class_and_keeps_probabilities_summing_to_one():
+    det, cls = one_cell_maps(0.4)
+    cfg = PostprocessConfig(min_area_px=10)
+    assert postprocess_sdrdin(det, cls, cfg, CLASSES).labels.tolist() == [0]
+    shifted = postprocess_sdrdin(det, cls, PostprocessConfig(min_area_px=10,
+                                                             class_gain=(1.0, 2.0)), CLASSES)
+    assert shifted.labels.tolist() == [1]
+    np.testing.assert_allclose(shifted.class_probs[0], [0.6 / 1.4, 0.8 / 1.4], rtol=1e-5)
+    with pytest.raises(QpcellError, match="one per class"):
+        postprocess_sdrdin(det, cls, PostprocessConfig(min_area_px=10, class_gain=(1.0,)),
+                           CLASSES)
+    with pytest.raises(QpcellError, match="one per class"):
+        apply_class_gain(np.ones((1, 2)), (1.0, -1.0))
+
+
+def test_tuned_gains_make_the_rare_class_appear_without_hurting_the_common_one():
+    rng = np.random.default_rng(0)
+    truths, dets = [], []
+    for i in range(4):
+        xy = rng.uniform(0, 500, (50, 2))
+        labels = (np.arange(50) < 5).astype(np.int64)  # 10% rare
+        # the model ranks rare cells higher for "rare" but never above 0.5
+        p_rare = np.where(labels == 1, rng.uniform(0.3, 0.45, 50), rng.uniform(0.0, 0.15, 50))
+        probs = np.column_stack([1 - p_rare, p_rare]).astype(np.float32)
+        truths.append(TrainImage(f"im{i}", np.zeros((500, 500, 3), np.uint8), xy, labels, None))
+        dets.append(Detections(xy, np.zeros(50, np.int64), np.ones(50, np.float32), probs,
+                               CLASSES))
+    before = score_dataset(list(zip(dets, truths, strict=True)), ["common", "rare"], 3.0)
+    assert before.class_aware[1].total_f1 == 0.0
+    gain, weighted = tune_class_gain(dets, truths, CLASSES, 3.0)
+    # a cell is called rare where g_rare * p > g_common * (1 - p): every rare cell
+    # (p >= 0.3) and no common one (p <= 0.15) when 0.7 / 0.3 < g_rare / g_common < 0.85 / 0.15
+    assert 0.7 / 0.3 < gain[1] / gain[0] < 0.85 / 0.15
+    assert weighted == pytest.approx(1.0)
+    assert weighted > before.classification.weighted_f1
+
+
+def test_gains_stay_one_when_the_classes_are_already_right():
+    xy = np.array([[10.0, 10.0], [50.0, 50.0]])
+    labels = np.array([0, 1])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    truths = [TrainImage("a", np.zeros((64, 64, 3), np.uint8), xy, labels, None)]
+    dets = [Detections(xy, labels, np.ones(2, np.float32), probs, CLASSES)]
+    assert tune_class_gain(dets, truths, CLASSES, 3.0) == ((1.0, 1.0), 1.0)
+
+
+def test_windows_with_a_rare_cell_are_drawn_again():
+    from qpcell.patches import rare_class_windows
+
+    points = [(np.array([[10.0, 10.0], [150.0, 150.0]]), np.array([0, 1])),
+              (np.array([[10.0, 10.0]] * 30), np.zeros(30, np.int64))]
+    windows = [(0, 0, 0), (0, 100, 100), (1, 0, 0)]
+    # class 1 holds 1 of 32 points (3%): rare at share 0.05, not at 0.02
+    got = rare_class_windows(windows, points, 2, 64, share=0.05, repeats=2)
+    assert got == windows + [(0, 100, 100)] * 2
+    assert rare_class_windows(windows, points, 2, 64, share=0.02, repeats=2) == windows
+    assert rare_class_windows(windows, points, 2, 64, share=0.05, repeats=0) == windows
