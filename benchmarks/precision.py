@@ -45,6 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "onnxruntime,torch-bf16)")
     p.add_argument("--dataset", choices=("endonuke", "nucls"), default="endonuke")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-test", type=int, default=None, help="score only N test images")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        ds = load_dataset(args.dataset, data_root())
+        ds = load_dataset(args.dataset, data_root(), max_trainval=0, max_test=args.max_test)
         bundle = load_model(args.model, device="cpu")
     except QpcellError as err:
         sys.exit(f"precision benchmark: {err}")

@@ -13,9 +13,13 @@ loss, backward, Adam update) on the same patches with the same batch size, for
 Patches are EndoNuke tiles (``$QPCELL_DATA`` or ``../shared/data``) with their S-DRDIN targets,
 or synthetic mIHC images when the data is absent. The models take turns batch by batch
 (round robin), so a change in machine load hits them alike; the median step time is used.
-Data loading is not timed. Runs in a minute or two on 2 CPU cores.
+Data loading is not timed. Each model runs in every precision of ``--precisions`` (default
+``fp32,auto``: float32, and what ``qpcell train`` uses here, i.e. bf16 autocast + channels-last
+where the hardware has native bf16, see ``qpcell.device.autocast_dtype``), in the same round
+robin. Runs in a few minutes on 2 CPU cores.
 
 Usage: python benchmarks/train_speed.py [--json FILE] [--size 224] [--batches 10]
+                                        [--precisions fp32,auto]
 """
 
 from __future__ import annotations
@@ -81,13 +85,16 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per model first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    p.add_argument("--precisions", default="fp32,auto",
+                   help="comma-separated training precisions (fp32, bf16, auto)")
     p.add_argument("--json", type=Path, help="write the figures to this file")
     args = p.parse_args(argv)
+    args.precisions = list(dict.fromkeys(x for x in args.precisions.split(",") if x))
     if args.size % 16 or args.batches < 1 or args.batch_size < 1 or args.warmup < 0:
         p.error("--size must be a multiple of 16; --batches, --batch-size >= 1")
     import torch
 
-    from qpcell.device import pick_device
+    from qpcell.device import autocast_dtype, pick_device
     from qpcell.models import count_parameters, create_model
 
     if args.threads:
@@ -99,42 +106,65 @@ def main(argv=None) -> dict:
     batches = [(x[i:i + args.batch_size], {k: v[i:i + args.batch_size]
                                            for k, v in targets.items()})
                for i in range(0, len(x), args.batch_size)]
-    models = {name: create_model(name, n_classes).to(device).train() for name in MODELS}
-    optims = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in MODELS}
+    amps = {pr: autocast_dtype(device, pr) for pr in args.precisions}
+    runs = [(pr, name) for pr in args.precisions for name in MODELS]
+    models, optims = {}, {}
+    for pr, name in runs:
+        torch.manual_seed(0)
+        layout = torch.contiguous_format if amps[pr] is None else torch.channels_last
+        models[pr, name] = create_model(name, n_classes).to(device).train().to(
+            memory_format=layout)
+        optims[pr, name] = torch.optim.Adam(models[pr, name].parameters(), lr=1e-3)
+    times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     load_start = os.getloadavg()
     for step in range(n_batches):
         xb, tb = batches[step % len(batches)]
         xb = xb.to(device)
         tb = {k: v.to(device) for k, v in tb.items()}
-        for name in MODELS:  # round robin: load changes hit every model alike
-            model, opt = models[name], optims[name]
+        for pr, name in runs:  # round robin: load changes hit every model alike
+            model, opt, amp = models[pr, name], optims[pr, name], amps[pr]
+            x_in = xb if amp is None else xb.contiguous(memory_format=torch.channels_last)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss, _ = model.loss(model(xb), tb)
+            with torch.autocast(device.type, dtype=amp or torch.float32,
+                                enabled=amp is not None):
+                out = model(x_in)
+            loss, _ = model.loss({k: v.float() for k, v in out.items()}, tb)
             loss.backward()
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if step >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    rows = {}
-    for name in MODELS:
-        med = statistics.median(times[name])
-        rows[name] = {"seconds_per_batch": med, "patches_per_second": args.batch_size / med,
-                      "parameters": count_parameters(models[name])}
-    sep = rows["drdin-detection"]["seconds_per_batch"] + rows[
-        "drdin-classification"]["seconds_per_batch"]
-    rows["separate"] = {"seconds_per_batch": sep, "patches_per_second": args.batch_size / sep,
-                        "parameters": rows["drdin-detection"]["parameters"]
-                        + rows["drdin-classification"]["parameters"]}
-    ratio = rows["s-drdin"]["seconds_per_batch"] / sep
+                times[pr, name].append(time.perf_counter() - t0)
+    by_precision = {}
+    for pr in args.precisions:
+        rows = {}
+        for name in MODELS:
+            med = statistics.median(times[pr, name])
+            rows[name] = {"seconds_per_batch": med, "patches_per_second": args.batch_size / med,
+                          "parameters": count_parameters(models[pr, name])}
+        sep = rows["drdin-detection"]["seconds_per_batch"] + rows[
+            "drdin-classification"]["seconds_per_batch"]
+        rows["separate"] = {"seconds_per_batch": sep,
+                            "patches_per_second": args.batch_size / sep,
+                            "parameters": rows["drdin-detection"]["parameters"]
+                            + rows["drdin-classification"]["parameters"]}
+        by_precision[pr] = {"autocast": str(amps[pr]) if amps[pr] else "none (float32)",
+                            "models": rows,
+                            "s_drdin_over_separate_time": rows["s-drdin"]["seconds_per_batch"]
+                            / sep}
+    first = args.precisions[0]
+    rows, ratio = by_precision[first]["models"], by_precision[first]["s_drdin_over_separate_time"]
+    speedups = {pr: {name: rows[name]["seconds_per_batch"]
+                     / by_precision[pr]["models"][name]["seconds_per_batch"] for name in rows}
+                for pr in args.precisions[1:]}
     result = {
         "benchmark": "train_speed", "patches": source, "size": args.size,
         "batch_size": args.batch_size, "timed_batches": args.batches, "warmup": args.warmup,
-        "models": rows, "s_drdin_over_separate_time": ratio,
+        "precisions": by_precision, f"speedup_over_{first}": speedups,
+        "s_drdin_over_separate_time": ratio,
         "paper_ratio": PAPER_HOURS["s-drdin"] / PAPER_HOURS["separate"],
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "device": str(device), "torch": torch.__version__,
@@ -144,12 +174,16 @@ def main(argv=None) -> dict:
     }
     print(f"{args.size}x{args.size} patches, batch {args.batch_size}, median of {args.batches} "
           f"steps, {device}, {torch.get_num_threads()} threads; {source}")
-    for name, row in rows.items():
-        print(f"  {name:22s} {row['patches_per_second']:7.2f} patches/s  "
-              f"{row['seconds_per_batch']:6.3f} s/batch  {row['parameters']:>10,d} params")
-    print(f"  s-drdin / separate training time: {ratio:.2f} "
-          f"(paper Table A.4: {PAPER_HOURS['s-drdin']} h / {PAPER_HOURS['separate']} h = "
-          f"{result['paper_ratio']:.2f})")
+    for pr, block in by_precision.items():
+        print(f" precision {pr} (autocast: {block['autocast']})")
+        for name, row in block["models"].items():
+            gain = f"  {speedups[pr][name]:.2f}x {first}" if pr in speedups else ""
+            print(f"  {name:22s} {row['patches_per_second']:7.2f} patches/s  "
+                  f"{row['seconds_per_batch']:6.3f} s/batch  {row['parameters']:>10,d} params"
+                  f"{gain}")
+        print(f"  s-drdin / separate training time: {block['s_drdin_over_separate_time']:.2f} "
+              f"(paper Table A.4: {PAPER_HOURS['s-drdin']} h / {PAPER_HOURS['separate']} h = "
+              f"{result['paper_ratio']:.2f})")
     print(f"  load average {result['machine']['load_average_start']} -> "
           f"{result['machine']['load_average_end']}")
     if args.json:

@@ -83,14 +83,45 @@ def test_train_speed_compares_joint_and_separate_training(tmp_path, monkeypatch)
     speed = load_script("train_speed")
     out = tmp_path / "speed.json"
     result = speed.main(["--size", "64", "--batches", "1", "--warmup", "0", "--threads", "1",
-                         "--json", str(out)])
-    assert json.loads(out.read_text(encoding="utf-8"))["models"].keys() == result["models"].keys()
-    rows = result["models"]
-    assert set(rows) == {"s-drdin", "drdin-detection", "drdin-classification", "unet",
-                         "separate"}
-    sep = rows["drdin-detection"]["seconds_per_batch"] + rows["drdin-classification"][
-        "seconds_per_batch"]
-    assert rows["separate"]["seconds_per_batch"] == pytest.approx(sep)
-    assert result["s_drdin_over_separate_time"] == pytest.approx(
-        rows["s-drdin"]["seconds_per_batch"] / sep)
+                         "--precisions", "fp32,bf16", "--json", str(out)])
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["precisions"].keys() == {"fp32", "bf16"}
+    assert saved["precisions"]["bf16"]["autocast"] == "torch.bfloat16"
+    for block in result["precisions"].values():
+        rows = block["models"]
+        assert set(rows) == {"s-drdin", "drdin-detection", "drdin-classification", "unet",
+                             "separate"}
+        sep = rows["drdin-detection"]["seconds_per_batch"] + rows["drdin-classification"][
+            "seconds_per_batch"]
+        assert rows["separate"]["seconds_per_batch"] == pytest.approx(sep)
+        assert block["s_drdin_over_separate_time"] == pytest.approx(
+            rows["s-drdin"]["seconds_per_batch"] / sep)
+    fp32, bf16 = (result["precisions"][k]["models"]["unet"]["seconds_per_batch"]
+                  for k in ("fp32", "bf16"))
+    assert result["speedup_over_fp32"]["bf16"]["unet"] == pytest.approx(fp32 / bf16)
     assert "synthetic" in result["patches"] and result["paper_ratio"] == pytest.approx(0.75)
+
+
+def test_precision_scores_one_model_through_two_backends(endonuke, tmp_path, monkeypatch):
+    from qpcell.checkpoint import save_model
+    from qpcell.config import PostprocessConfig, to_dict
+    from qpcell.models import create_model
+
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    torch.manual_seed(0)
+    classes = [{"name": n, "color": [200, 40 * i, 40]}
+               for i, n in enumerate(["stroma", "epithelium", "other"])]
+    save_model(tmp_path / "m", create_model("s-drdin", 3, base=4),
+               {"classes": classes, "mpp": None, "postprocess_kind": "sdrdin",
+                "postprocess": to_dict(PostprocessConfig(threshold=0.3, min_area_px=0))})
+    out = tmp_path / "precision.json"
+    result = load_script("precision").main(
+        ["--model", str(tmp_path / "m"), "--backends", "eager,torch-bf16", "--max-test", "2",
+         "--threads", "1", "--json", str(out)])
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["reference"] == "eager" and saved["n_test_images"] == 2
+    rows = result["backends"]
+    assert set(rows) == {"eager", "torch-bf16"} and rows["eager"]["seconds"] > 0
+    for key in ("detection_f1", "weighted_f1", "mean_class_aware_f1"):
+        assert result["deltas"]["torch-bf16"][key] == pytest.approx(
+            rows["torch-bf16"][key] - rows["eager"][key])
