@@ -200,21 +200,22 @@ def tune_class_gain(dets: Sequence[Detections], truths: Sequence[TrainImage],
     names = [c.name for c in classes]
     regions = [t.regions for t in truths]
 
+    def relabel(d: Detections, gain: tuple[float, ...]) -> Detections:
+        if not len(d):
+            return d
+        probs = apply_class_gain(d.class_probs, gain)
+        return replace(d, labels=np.argmax(probs, axis=1), class_probs=probs.astype(np.float32))
+
     def score(gain: tuple[float, ...]) -> tuple[float, float]:
-        relabelled = []
-        for d in dets:
-            probs = apply_class_gain(d.class_probs, gain) if len(d) else d.class_probs
-            relabelled.append(replace(d, labels=np.argmax(probs, axis=1) if len(d) else
-                                      d.labels, class_probs=probs.astype(np.float32)))
+        relabelled = [relabel(d, gain) for d in dets]
         report = score_dataset(list(zip(relabelled, truths, strict=True)), names, radius_px,
                                regions=regions)
         aware = float(np.mean([c.total_f1 for c in report.class_aware]))
         return aware, report.classification.weighted_f1
 
     gain = (1.0,) * len(classes)
-    best_aware, floor = score(gain)
-    floor -= GAIN_WEIGHTED_F1_SLACK
-    best_weighted = floor + GAIN_WEIGHTED_F1_SLACK
+    best_aware, best_weighted = score(gain)
+    floor = best_weighted - GAIN_WEIGHTED_F1_SLACK
     for _ in range(rounds):
         changed = False
         for k in range(len(classes)):
