@@ -146,6 +146,9 @@ def train_command(
     background_fraction: float = typer.Option(PatchConfig.background_fraction,
                                               help="Share of cell-free patches kept."),
     rotate90: bool = typer.Option(False, help="Also augment with 90-degree rotations."),
+    rare_repeats: int = typer.Option(PatchConfig.rare_repeats, min=0, help="Draw windows "
+                                     "holding a cell of a rare class (under 5% of the "
+                                     "points) this many more times per epoch (S-DRDIN: 0)."),
     max_steps: int | None = typer.Option(None, help="At most this many batches per epoch."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, mps (default: best "
                                       "available)."),
@@ -211,7 +214,8 @@ def train_command(
         train_cfg=replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           precision=precision, lr_schedule=lr_schedule),
         patch_cfg=replace(PatchConfig(), size=patch_size, stride=stride,
-                          background_fraction=background_fraction, rotate90=rotate90),
+                          background_fraction=background_fraction, rotate90=rotate90,
+                          rare_repeats=rare_repeats),
         match_radius_px=match_radius,
         val_names=val_images.split(",") if val_images else None,
         device=device, resume=resume, max_steps_per_epoch=max_steps, **kwargs)
