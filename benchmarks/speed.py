@@ -30,6 +30,15 @@ its halo, at the model's pixel size.
   memory sampled as tiles complete; optionally the same region on a ``--big-slide``
   (60,000 px) to show that memory does not grow with the slide.
 
+``--tile-size`` (default 512, as ``qpcell predict``) sets the tile side, halo included, for
+every figure: larger tiles spend less of each forward pass on the halo.
+
+On CUDA (``--device cuda``) the conv reference runs on the GPU (batch 16, float32 with TF32 as
+PyTorch allows it, and bf16), every timing waits for the GPU (``torch.cuda.synchronize``), the
+default forward is the ``"torch"`` backend (channels-last, bf16 autocast) and the fp32 forward
+is the module itself, batched, without autocast: batching and mixed precision are then read
+off the same table.
+
 The model is ``--model`` (a folder from ``qpcell train``), by default the default S-DRDIN
 (base 16) briefly trained on EndoNuke (``.cache/bench/model-endonuke``, trained here when
 missing: a few epochs, so that its maps, and so the post-processing time, look like a real
@@ -40,6 +49,8 @@ Usage::
     .venv/bin/python benchmarks/speed.py --json speed.json          # about 10 min, 2 cores
     .venv/bin/python benchmarks/speed.py --quick                    # a minute or two
     .venv/bin/python benchmarks/speed.py --full-slide --big-slide .cache/bench/endonuke-60k.ome.tif
+    .venv/bin/python benchmarks/speed.py --tile-size 1024 --tiles 4 --slide-region 7
+    python benchmarks/speed.py --device cuda --full-slide --tiles 64 --batch-size 16
 """
 
 from __future__ import annotations
@@ -123,27 +134,49 @@ def _median_time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def conv_reference(repeats: int = 3, size: int = 512, channels: int = 64) -> dict:
-    """GMAC/s of one ``channels -> channels`` 3x3 convolution on ``size``² px, per backend."""
+def _synchronize(device) -> None:
+    """Wait for queued GPU work (timings of CUDA calls are otherwise only launch times)."""
     import torch
 
-    macs = size * size * channels * channels * 9 / 1e9
-    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).eval()
-    x = torch.rand(1, channels, size, size)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def conv_reference(repeats: int = 3, size: int = 512, channels: int = 64,
+                   device: str = "cpu") -> dict:
+    """GMAC/s of one ``channels -> channels`` 3x3 convolution on ``size``² px, per backend.
+
+    On CUDA: batch 16 (one image does not fill a GPU), float32 (TF32 where cuDNN allows it,
+    PyTorch's default for convolutions) and bf16, ten calls per timing.
+    """
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    batch, calls = (16, 10) if cuda else (1, 1)
+    macs = batch * calls * size * size * channels * channels * 9 / 1e9
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).eval().to(device)
+    x = torch.rand(batch, channels, size, size, device=device)
     out: dict[str, float] = {}
 
     def run(name, module, inp):
+        def call():
+            for _ in range(calls):
+                module(inp)
+            _synchronize(device)
+
         with torch.inference_mode():
-            module(inp)
-            out[name] = round(macs / _median_time(lambda: module(inp), repeats), 2)
+            call()
+            out[name] = round(macs / _median_time(call, max(repeats, 5 if cuda else 1)), 2)
 
     run("torch eager fp32", conv, x)
     cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
     xcl = x.contiguous(memory_format=torch.channels_last)
     run("torch channels-last fp32", cl, xcl)
-    if {"avx512_bf16", "amx_bf16"} & cpu_flags():
+    if cuda or {"avx512_bf16", "amx_bf16"} & cpu_flags():
         run("torch channels-last bf16", copy.deepcopy(cl).to(torch.bfloat16),
             xcl.to(torch.bfloat16))
+    if cuda:
+        return out
     try:
         import onnxruntime as ort
 
@@ -252,7 +285,7 @@ def _round_robin(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repeats: int,
-                  workdir: Path) -> dict:
+                  workdir: Path, tile: int = TILE) -> dict:
     """Eager forward, default forward, post-processing and the pipeline on the same tiles."""
     import torch
 
@@ -263,9 +296,9 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
     predictor = Predictor.from_bundle(bundle)
     k = max(1, int(round(n_tiles ** 0.5)))
     slide = open_slide(slide_path)
-    plan = plan_tiles(slide, mpp=bundle.mpp, tile_size=TILE, reach_px=predictor.reach_px)
+    plan = plan_tiles(slide, mpp=bundle.mpp, tile_size=tile, reach_px=predictor.reach_px)
     region, block_px = block_region(plan, k)
-    plan = plan_tiles(slide, mpp=bundle.mpp, tile_size=TILE, reach_px=predictor.reach_px,
+    plan = plan_tiles(slide, mpp=bundle.mpp, tile_size=tile, reach_px=predictor.reach_px,
                       regions=[region])
 
     def read():
@@ -276,23 +309,33 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
     tiles = read()
     n = len(tiles)
     model = bundle.models["model"]
-    gmac = gmacs(model, TILE)
-    tile_mpx = TILE * TILE / 1e6
+    gmac = gmacs(model, tile)
+    tile_mpx = tile * tile / 1e6
 
     # eager forward alone: batch 1, fp32, NCHW, tensors ready
-    xs = [torch.from_numpy(t).permute(2, 0, 1)[None].float().div(255.0).contiguous()
+    device = bundle.device
+    cuda = device.type == "cuda"
+    xs = [torch.from_numpy(t).permute(2, 0, 1)[None].float().div(255.0).contiguous().to(device)
           for t in tiles]
 
     def eager():
         with torch.inference_mode():
             for x in xs:
                 model(x)
+            _synchronize(device)
 
     # the default backend (what qpcell predict runs), uint8 tiles in, maps out
     def default_forward():
         return [predictor.map_fn(tiles[i:i + batch_size]) for i in range(0, n, batch_size)]
 
-    def fp32_forward():  # the float32 CPU backend, for before/after in one run
+    def fp32_forward():  # float32 in batches, for before/after in one run
+        if cuda:  # every CUDA backend autocasts: the module itself, batched, no autocast
+            with torch.inference_mode():
+                for i in range(0, n, batch_size):
+                    for m in model.maps(model(torch.cat(xs[i:i + batch_size]))):
+                        if m is not None:  # maps back to the host, as every backend does
+                            m.float().cpu()
+            return None
         from qpcell.inference import using_backend
 
         with using_backend(FP32_BACKEND):
@@ -337,7 +380,8 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
         spent.update(forward=0.0, postprocess=0.0)
         t0 = time.perf_counter()
         predict_to_folder([PredictionJob("block", slide_path, [region])], timed_predictor,
-                          workdir / "pipeline", overwrite=True, batch_size=batch_size)
+                          workdir / "pipeline", overwrite=True, batch_size=batch_size,
+                          tile_size=tile)
         last.update(spent, total=time.perf_counter() - t0)
 
     eager()
@@ -349,7 +393,7 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
     pipe_mpx_s = block_px / 1e6 / pipe
     eager_mpx_s = tile_mpx / eager_t
     return {
-        "tiles": n, "tile_px": TILE, "halo_px": plan.halo, "core_px": plan.core,
+        "tiles": n, "tile_px": tile, "halo_px": plan.halo, "core_px": plan.core,
         "block_mpx": round(block_px / 1e6, 3), "slide_mpp": slide.mpp, "model_mpp": bundle.mpp,
         "batch_size": batch_size, "default_backend": backend, "repeats": repeats,
         "gmac_per_tile": round(gmac, 3),
@@ -361,7 +405,7 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
         "default_forward": {"ms_per_tile": round(default * 1e3, 1),
                             "mpx_per_s": round(tile_mpx / default, 4),
                             "gmac_per_s": round(gmac / default, 2)},
-        "fp32_forward": {"backend": FP32_BACKEND,
+        "fp32_forward": {"backend": "torch fp32" if cuda else FP32_BACKEND,
                          "ms_per_tile": round(t["fp32"] / n * 1e3, 1),
                          "mpx_per_s": round(tile_mpx / (t["fp32"] / n), 4),
                          "gmac_per_s": round(gmac / (t["fp32"] / n), 2)},
@@ -394,12 +438,13 @@ def _slide_worker(spec: dict) -> dict:
     base_kb = memory_kb("VmRSS")
     bundle = load_model(spec["model"], device=spec.get("device"))
     predictor = Predictor.from_bundle(bundle)
+    tile = int(spec.get("tile", TILE))
     with open_slide(spec["slide"]) as slide:
         width, height, mpp = slide.width, slide.height, slide.mpp
         regions = None
         area_px = width * height  # full-resolution px
         if spec.get("cores"):
-            plan = plan_tiles(slide, mpp=bundle.mpp, tile_size=TILE, reach_px=predictor.reach_px)
+            plan = plan_tiles(slide, mpp=bundle.mpp, tile_size=tile, reach_px=predictor.reach_px)
             box, grid_px = block_region(plan, int(spec["cores"]))
             regions, area_px = [box], grid_px * plan.scale ** 2
     samples: list[tuple[int, int]] = []
@@ -411,7 +456,8 @@ def _slide_worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     results = predict_to_folder([PredictionJob("slide", Path(spec["slide"]), regions)],
                                 predictor, spec["out"], overwrite=True,
-                                batch_size=int(spec["batch_size"]), on_event=on_event)
+                                batch_size=int(spec["batch_size"]), tile_size=tile,
+                                on_event=on_event)
     seconds = time.perf_counter() - t0
     res = results[0]
     # resident memory when 1/4, 1/2, 3/4 and all of the tiles were done
@@ -435,11 +481,11 @@ def _slide_worker(spec: dict) -> dict:
 
 
 def slide_run(model: Path, slide: Path, cores: int | None, batch_size: int, device: str | None,
-              threads: int | None, workdir: Path) -> dict:
+              threads: int | None, workdir: Path, tile: int = TILE) -> dict:
     """:func:`_slide_worker` in a subprocess (its own peak-memory counter); ``cores``: the
     side, in tile cores, of the centred block predicted (``None``: the whole slide)."""
     spec = {"model": str(model), "slide": str(slide), "cores": cores,
-            "batch_size": batch_size, "device": device, "threads": threads,
+            "batch_size": batch_size, "device": device, "threads": threads, "tile": tile,
             "out": str(workdir / f"slide-{slide.stem}-{cores or 'full'}")}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                           capture_output=True, text=True, check=False)
@@ -500,6 +546,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="pyramidal slide (default: made by make_slide.py when missing)")
     p.add_argument("--tiles", type=int, default=16, help="tiles timed (a square block; 16)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward (default 4)")
+    p.add_argument("--tile-size", type=int, default=TILE,
+                   help="tile side with its halo, px (default 512, as qpcell predict)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
@@ -534,18 +582,19 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir, _ = ensure_model(args.model, args.epochs, args.steps)
     slide = ensure_slide(args.slide, 20000)
     bundle = load_model(model_dir, device=args.device)
-    ref = conv_reference(repeats=repeats)
+    ref = conv_reference(repeats=repeats, device=args.device)
     with tempfile.TemporaryDirectory(prefix="qpcell-speed-") as tmp:
-        tiles = measure_tiles(bundle, slide, args.tiles, args.batch_size, repeats, Path(tmp))
+        tiles = measure_tiles(bundle, slide, args.tiles, args.batch_size, repeats, Path(tmp),
+                              args.tile_size)
         slide_runs = []
         if not args.no_slide_run:
             region = None if args.full_slide else args.slide_region
             slide_runs.append(slide_run(model_dir, slide, region, args.batch_size, args.device,
-                                        args.threads, Path(tmp)))
+                                        args.threads, Path(tmp), args.tile_size))
             if args.big_slide:
                 slide_runs.append(slide_run(model_dir, args.big_slide, args.slide_region,
                                             args.batch_size, args.device, args.threads,
-                                            Path(tmp)))
+                                            Path(tmp), args.tile_size))
     best_ref = max(ref.values())
     default_gmac_s = tiles["default_forward"]["gmac_per_s"]
     ratios = {
@@ -561,6 +610,8 @@ def main(argv: list[str] | None = None) -> dict:
     backend_ref = {"onnxruntime": "onnxruntime fp32", "torch": "torch channels-last fp32",
                    "eager": "torch eager fp32",
                    "torch-bf16": "torch channels-last bf16"}.get(tiles["default_backend"])
+    if args.device.startswith("cuda") and tiles["default_backend"] in ("torch", "eager"):
+        backend_ref = "torch channels-last bf16"  # CUDA backends autocast to bf16
     if backend_ref in ref:
         ratios["default_model_gmac_s_vs_same_backend_conv"] = round(
             default_gmac_s / ref[backend_ref], 4)

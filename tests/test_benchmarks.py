@@ -125,3 +125,33 @@ def test_precision_scores_one_model_through_two_backends(endonuke, tmp_path, mon
     for key in ("detection_f1", "weighted_f1", "mean_class_aware_f1"):
         assert result["deltas"]["torch-bf16"][key] == pytest.approx(
             rows["torch-bf16"][key] - rows["eager"][key])
+
+
+def test_speed_times_forward_pipeline_and_slide_at_the_asked_tile_size(tiny_model, tmp_path):
+    from PIL import Image
+
+    from qpcell.synthetic import synthetic_dataset
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i, (_, px) in enumerate(synthetic_dataset(3, (200, 200), 3, seed=1)):
+        Image.fromarray(px).save(tiles / f"{i}.png")
+    slide = tmp_path / "slide.ome.tif"
+    load_script("make_slide").main(["--size", "1400", "--images", str(tiles), "--out",
+                                    str(slide)])
+    out = tmp_path / "speed.json"
+    result = load_script("speed").main(
+        ["--model", str(tiny_model), "--slide", str(slide), "--tiles", "1", "--tile-size", "256",
+         "--repeats", "1", "--slide-region", "1", "--threads", "1", "--json", str(out)])
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["ratios"] == result["ratios"]
+    t = result["tiles"]
+    assert t["tile_px"] == 256 and t["core_px"] == 256 - 2 * t["halo_px"] and t["tiles"] == 1
+    for key in ("eager_forward", "default_forward", "fp32_forward"):
+        assert t[key]["ms_per_tile"] > 0 and t[key]["mpx_per_s"] > 0
+    assert result["ratios"]["pipeline_vs_forward"] == pytest.approx(
+        t["pipeline"]["mpx_per_s"] / t["eager_forward"]["mpx_per_s"], rel=0.01)
+    assert result["conv_reference_gmac_per_s"]["torch eager fp32"] > 0
+    (run,) = result["slide_runs"]
+    assert run["tiles"] == 1 and run["peak_rss_mb"] > run["rss_before_model_mb"] > 0
+    assert run["minutes_per_cm2"] > 0
