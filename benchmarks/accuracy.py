@@ -47,11 +47,13 @@ Choices (measured on this 2-core CPU, shared, see docs/RESULTS.md):
   208 (13 x 16) pads 8 px where 224 pads 24, so an epoch costs (208/224)² = 0.86 of 224's.
 * ``--epochs 20`` (default), ``--lr-schedule cosine``, ``--rare-repeats 2`` (defaults here,
   the same for every deep method; ``qpcell train`` keeps the paper's constant rate and plain
-  sampling unless asked): with bf16 on this CPU an S-DRDIN epoch on EndoNuke (132 patches,
+  sampling unless asked): with bf16 on a 2-core Intel CPU with AMX an S-DRDIN epoch (132 patches,
   batch 4, plus validation of 56 images and the post-processing search) takes about 20 s on
   2 idle cores, so one seed of the S-DRDIN table (s-drdin, s-drdin-gradient, separate, unet,
   classical) takes about 30 min and three seeds about 1.5 h; MTL-IHC (ResNet-18) costs about
-  twice S-DRDIN per epoch, plus its prior model. On seed 0, 20 epochs with the cosine
+  twice S-DRDIN per epoch, plus its prior model. Without bf16 (a 2-core AVX2 CPU) an
+  S-DRDIN epoch takes 90-120 s, one seed about 35 min; on one H200 GPU about 9 s, because
+  the validation search on the CPU then dominates. On seed 0, 20 epochs with the cosine
   schedule and rare-class windows scored 0.862 / 0.906 / 0.509 (detection F1, weighted F1,
   mean class-aware F1) against 0.861 / 0.915 / 0.499 with the paper's constant rate (float32,
   older tuning) and 0.873 / 0.881 / 0.483 after 40 constant-rate epochs; the rare class is
