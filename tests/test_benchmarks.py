@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,73 @@ def test_speed_times_forward_pipeline_and_slide_at_the_asked_tile_size(tiny_mode
     (run,) = result["slide_runs"]
     assert run["tiles"] == 1 and run["peak_rss_mb"] > run["rss_before_model_mb"] > 0
     assert run["minutes_per_cm2"] > 0
+
+
+def test_flip_maps_undoes_each_flip_before_averaging():
+    from qpcell.train import image_maps
+
+    variants = load_script("postprocess_variants")
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+
+    def follows_pixels(tiles):  # flip-equivariant: TTA must give back the plain maps
+        red = tiles[..., 0].astype(np.float32) / 255
+        return red, np.stack([red, 1 - red], axis=1)
+
+    plain = image_maps(follows_pixels, pixels)
+    tta = variants.flip_maps(follows_pixels, pixels, image_maps)
+    np.testing.assert_allclose(tta[0], plain[0], atol=1e-6)
+    np.testing.assert_allclose(tta[1], plain[1], atol=1e-6)
+
+    def column_ramp(tiles):  # ignores the pixels: flips average it to its mean
+        b, h, w = tiles.shape[:3]
+        ramp = np.broadcast_to(np.arange(w, dtype=np.float32), (b, h, w))
+        return ramp.copy(), None
+
+    det, cls = variants.flip_maps(column_ramp, pixels, image_maps)
+    assert cls is None
+    np.testing.assert_allclose(det, np.full((24, 40), 19.5), atol=1e-5)
+
+
+def test_peak_cells_finds_each_blob_and_its_class():
+    from qpcell.points import CellClass
+
+    variants = load_script("postprocess_variants")
+    yy, xx = np.mgrid[:40, :50]
+    centres = [(10, 12), (30, 35)]  # (row, col)
+    det = sum(np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 8.0) for r, c in centres)
+    cls = np.zeros((2, 40, 50), np.float32)
+    cls[0, :, :25], cls[1, :, 25:] = 1.0, 1.0
+    classes = (CellClass("a", (255, 0, 0)), CellClass("b", (0, 255, 0)))
+    found = variants.peak_cells(det.astype(np.float32), cls, classes, threshold=0.5,
+                                min_distance=2, sigma=1.0, box=5)
+    order = np.argsort(found.xy[:, 0])
+    assert found.xy[order].tolist() == [[12.0, 10.0], [35.0, 30.0]]
+    assert found.labels[order].tolist() == [0, 1]
+    assert not len(variants.peak_cells(det.astype(np.float32), cls, classes, threshold=2.0,
+                                       min_distance=2, sigma=0.0, box=5))
+
+
+def test_postprocess_variants_score_one_model_three_ways(endonuke, tmp_path, monkeypatch):
+    from qpcell.checkpoint import save_model
+    from qpcell.config import PostprocessConfig, to_dict
+    from qpcell.models import create_model
+
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    torch.manual_seed(0)
+    classes = [{"name": n, "color": [200, 40 * i, 40]}
+               for i, n in enumerate(["stroma", "epithelium", "other"])]
+    save_model(tmp_path / "m", create_model("s-drdin", 3, base=4),
+               {"classes": classes, "mpp": None, "postprocess_kind": "sdrdin",
+                "postprocess": to_dict(PostprocessConfig()),
+                "training": {"val_images": ["1014", "1028"]}})
+    out = tmp_path / "variants.json"
+    result = load_script("postprocess_variants").main(
+        [str(tmp_path / "m"), "--max-test", "2", "--threads", "1", "--json", str(out)])
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["n_test_images"] == 2 and saved["variants"] == ["plain", "flip-tta",
+                                                                 "det-peaks"]
+    rows = result["models"][str(tmp_path / "m")]
+    assert set(rows) == {"plain", "flip-tta", "det-peaks"}
+    assert rows["det-peaks"]["setting"]["threshold"] > 0
+    for row in rows.values():
+        assert 0.0 <= row["detection_f1"] <= 1.0 and row["seconds"] > 0
