@@ -103,18 +103,26 @@ def test_train_speed_compares_joint_and_separate_training(tmp_path, monkeypatch)
     assert "synthetic" in result["patches"] and result["paper_ratio"] == pytest.approx(0.75)
 
 
-def test_precision_scores_one_model_through_two_backends(endonuke, tmp_path, monkeypatch):
+def untrained_endonuke_model(folder: Path, post, **meta) -> Path:
+    """A narrow, untrained S-DRDIN with EndoNuke's classes, saved to ``folder``."""
     from qpcell.checkpoint import save_model
-    from qpcell.config import PostprocessConfig, to_dict
+    from qpcell.config import to_dict
     from qpcell.models import create_model
 
-    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
     torch.manual_seed(0)
     classes = [{"name": n, "color": [200, 40 * i, 40]}
                for i, n in enumerate(["stroma", "epithelium", "other"])]
-    save_model(tmp_path / "m", create_model("s-drdin", 3, base=4),
+    save_model(folder, create_model("s-drdin", 3, base=4),
                {"classes": classes, "mpp": None, "postprocess_kind": "sdrdin",
-                "postprocess": to_dict(PostprocessConfig(threshold=0.3, min_area_px=0))})
+                "postprocess": to_dict(post), **meta})
+    return folder
+
+
+def test_precision_scores_one_model_through_two_backends(endonuke, tmp_path, monkeypatch):
+    from qpcell.config import PostprocessConfig
+
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    untrained_endonuke_model(tmp_path / "m", PostprocessConfig(threshold=0.3, min_area_px=0))
     out = tmp_path / "precision.json"
     result = load_script("precision").main(
         ["--model", str(tmp_path / "m"), "--backends", "eager,torch-bf16", "--max-test", "2",
@@ -203,18 +211,11 @@ def test_peak_cells_finds_each_blob_and_its_class():
 
 
 def test_postprocess_variants_score_one_model_three_ways(endonuke, tmp_path, monkeypatch):
-    from qpcell.checkpoint import save_model
-    from qpcell.config import PostprocessConfig, to_dict
-    from qpcell.models import create_model
+    from qpcell.config import PostprocessConfig
 
     monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
-    torch.manual_seed(0)
-    classes = [{"name": n, "color": [200, 40 * i, 40]}
-               for i, n in enumerate(["stroma", "epithelium", "other"])]
-    save_model(tmp_path / "m", create_model("s-drdin", 3, base=4),
-               {"classes": classes, "mpp": None, "postprocess_kind": "sdrdin",
-                "postprocess": to_dict(PostprocessConfig()),
-                "training": {"val_images": ["1014", "1028"]}})
+    untrained_endonuke_model(tmp_path / "m", PostprocessConfig(),
+                             training={"val_images": ["1014", "1028"]})
     out = tmp_path / "variants.json"
     result = load_script("postprocess_variants").main(
         [str(tmp_path / "m"), "--max-test", "2", "--threads", "1", "--json", str(out)])
