@@ -210,6 +210,22 @@ def test_peak_cells_finds_each_blob_and_its_class():
                                        min_distance=2, sigma=0.0, box=5))
 
 
+def test_edge_breakdown_counts_misses_at_the_edge_and_scores_the_inside():
+    from types import SimpleNamespace
+
+    variants = load_script("postprocess_variants")
+    truth = SimpleNamespace(xy=np.array([[1.0, 20.0], [25.0, 25.0], [48.0, 10.0]]),
+                            labels=np.zeros(3, np.int64))
+    found = SimpleNamespace(xy=np.array([[25.0, 26.0], [48.0, 10.0], [30.0, 40.0]]),
+                            labels=np.zeros(3, np.int64))
+    pixels = np.zeros((50, 50, 3), np.uint8)
+    got = variants.edge_breakdown([found], [truth], [pixels], ["cell"], 3.0, 3.0)
+    # (1, 20) is missed at the left edge, (48, 10) found at the right one; inside, one of
+    # the two cells found is right: F1 = 2 * 1 / (2 * 1 + 1 + 0)
+    assert got["edge_cells"] == 2 and got["edge_missed"] == 1 and got["missed"] == 1
+    assert got["inner_f1"] == pytest.approx(2 / 3)
+
+
 def test_postprocess_variants_score_one_model_three_ways(endonuke, tmp_path, monkeypatch):
     from qpcell.config import PostprocessConfig
 
@@ -227,3 +243,4 @@ def test_postprocess_variants_score_one_model_three_ways(endonuke, tmp_path, mon
     assert rows["det-peaks"]["setting"]["threshold"] > 0
     for row in rows.values():
         assert 0.0 <= row["detection_f1"] <= 1.0 and row["seconds"] > 0
+        assert 0 <= row["edge_missed"] <= row["edge_cells"] and 0.0 <= row["inner_f1"] <= 1.0
