@@ -19,8 +19,8 @@ It takes model folders that ``accuracy.py --workdir`` kept and compares, on the 
 Each variant is tuned on the validation images named in the model's config (the seed's own
 split) and scored once on the test split, exactly as ``accuracy.py`` scores. Where the misses
 lie is reported too: how many of the test cells within ``--edge`` px (default 3) of an image's
-edge were missed (nuclei cut by the 200 px crop), and the detection F1 of everything further
-inside (points and cells outside the shrunk image are left out, as outside a region).
+edge were missed (nuclei cut by the 200 px crop), and the detection F1 of the cells further
+inside.
 
 Usage::
 
@@ -125,35 +125,41 @@ def tune_peaks(maps: Sequence[Maps], truths, classes, radius_px: float) -> dict:
     return max(({**best, "box": b} for b in PEAK_BOXES), key=lambda s: score(s)[1])
 
 
-def edge_breakdown(preds, truths, pixels, class_names, radius_px: float, edge_px: float
-                   ) -> dict:
-    """Misses near the image edges, and detection F1 of the image shrunk by ``edge_px``.
+def edge_breakdown(preds, truths, pixels, radius_px: float, edge_px: float) -> dict:
+    """Misses near the image edges, and detection F1 of the cells further inside.
 
-    Returns ``edge_cells`` (true cells closer than ``edge_px`` to an edge), ``edge_missed``
-    (of those, unmatched), ``missed`` (all unmatched true cells) and ``inner_f1``.
+    One matching per image (as the scores use); a true cell is at the edge when it lies
+    closer than ``edge_px`` to one. ``inner_f1`` counts the matched pairs and misses of the
+    true cells that are not at the edge and the unmatched predictions that are not either,
+    so no pair is split by the margin.
+
+    Returns ``edge_cells``, ``edge_missed`` (of those, unmatched), ``missed`` (all unmatched
+    true cells) and ``inner_f1``.
     """
-    import shapely
+    from qpcell.metrics import match_points, prf
 
-    from qpcell.metrics import match_points, score_dataset
-
-    edge_cells = edge_missed = missed = 0
-    inner = []
-    for pred, truth, px in zip(preds, truths, pixels, strict=True):
-        h, w = px.shape[:2]
-        xy = np.asarray(truth.xy, dtype=np.float64).reshape(-1, 2)
+    def at_edge(xy: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        h, w = shape[:2]
         dist = np.minimum(np.minimum(xy[:, 0], xy[:, 1]),
                           np.minimum(w - 1 - xy[:, 0], h - 1 - xy[:, 1]))
-        unmatched = np.zeros(len(xy), dtype=bool)
-        unmatched[match_points(pred.xy, xy, radius_px).unmatched_true()] = True
-        near = dist < edge_px
-        edge_cells += int(near.sum())
-        edge_missed += int((near & unmatched).sum())
+        return dist < edge_px
+
+    edge_cells = edge_missed = missed = tp = fp = fn = 0
+    for pred, truth, px in zip(preds, truths, pixels, strict=True):
+        true_xy = np.asarray(truth.xy, dtype=np.float64).reshape(-1, 2)
+        pred_xy = np.asarray(pred.xy, dtype=np.float64).reshape(-1, 2)
+        match = match_points(pred_xy, true_xy, radius_px)
+        true_edge, pred_edge = at_edge(true_xy, px.shape), at_edge(pred_xy, px.shape)
+        unmatched = np.zeros(len(true_xy), dtype=bool)
+        unmatched[match.unmatched_true()] = True
+        edge_cells += int(true_edge.sum())
+        edge_missed += int((true_edge & unmatched).sum())
         missed += int(unmatched.sum())
-        inner.append([shapely.box(edge_px, edge_px, w - 1 - edge_px, h - 1 - edge_px)])
-    report = score_dataset(list(zip(preds, truths, strict=True)), class_names, radius_px,
-                           regions=inner)
+        tp += int((~true_edge[match.true_idx]).sum())
+        fn += int((~true_edge & unmatched).sum())
+        fp += int((~pred_edge[match.unmatched_pred()]).sum())
     return {"edge_cells": edge_cells, "edge_missed": edge_missed, "missed": missed,
-            "inner_f1": report.detection.f1}
+            "inner_f1": prf(tp, fp, fn)[2]}
 
 
 def validation_names(meta: dict) -> list[str]:
@@ -232,8 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             preds, setting = run_variant(variant, bundle, ds, val)
             scores = scores_of(score_dataset(list(zip(preds, ds.test, strict=True)), names,
                                              ds.radius_px))
-            edges = edge_breakdown(preds, ds.test, ds.test_pixels, names, ds.radius_px,
-                                   args.edge)
+            edges = edge_breakdown(preds, ds.test, ds.test_pixels, ds.radius_px, args.edge)
             rows[variant] = {**{k: scores[k] for k in KEYS}, **edges, "setting": setting,
                              "seconds": time.perf_counter() - t0}
             print(f"{folder.name:24s} {variant:10s} "

@@ -219,9 +219,9 @@ def test_edge_breakdown_counts_misses_at_the_edge_and_scores_the_inside():
     found = SimpleNamespace(xy=np.array([[25.0, 26.0], [48.0, 10.0], [30.0, 40.0]]),
                             labels=np.zeros(3, np.int64))
     pixels = np.zeros((50, 50, 3), np.uint8)
-    got = variants.edge_breakdown([found], [truth], [pixels], ["cell"], 3.0, 3.0)
-    # (1, 20) is missed at the left edge, (48, 10) found at the right one; inside, one of
-    # the two cells found is right: F1 = 2 * 1 / (2 * 1 + 1 + 0)
+    got = variants.edge_breakdown([found], [truth], [pixels], 3.0, 3.0)
+    # (1, 20) is missed at the left edge, (48, 10) found at the right one; inside, (25, 25)
+    # is found and (30, 40) is a false positive: F1 = 2 * 1 / (2 * 1 + 1 + 0)
     assert got["edge_cells"] == 2 and got["edge_missed"] == 1 and got["missed"] == 1
     assert got["inner_f1"] == pytest.approx(2 / 3)
 
