@@ -158,8 +158,10 @@ def test_speed_times_forward_pipeline_and_slide_at_the_asked_tile_size(tiny_mode
     assert t["tile_px"] == 256 and t["core_px"] == 256 - 2 * t["halo_px"] and t["tiles"] == 1
     for key in ("eager_forward", "default_forward", "fp32_forward"):
         assert t[key]["ms_per_tile"] > 0 and t[key]["mpx_per_s"] > 0
+    # the ratio is rounded to 3 decimals: with a tiny model on a busy machine it can be
+    # near 0.05, where that rounding alone is 1%
     assert result["ratios"]["pipeline_vs_forward"] == pytest.approx(
-        t["pipeline"]["mpx_per_s"] / t["eager_forward"]["mpx_per_s"], rel=0.01)
+        t["pipeline"]["mpx_per_s"] / t["eager_forward"]["mpx_per_s"], rel=0.01, abs=1e-3)
     assert result["conv_reference_gmac_per_s"]["torch eager fp32"] > 0
     (run,) = result["slide_runs"]
     assert run["tiles"] == 1 and run["peak_rss_mb"] > run["rss_before_model_mb"] > 0
