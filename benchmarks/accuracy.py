@@ -180,6 +180,22 @@ def load_dataset(name: str, root: Path, *, max_trainval: int | None = None,
                    [d.pixels for d in test_data], radius, nucleus, prior)
 
 
+def script_dataset(name: str, what: str, *, threads: int | None = None, **kwargs) -> Dataset:
+    """:func:`load_dataset` from :func:`data_root` for a benchmark script.
+
+    Sets torch's CPU ``threads`` first (when given); a missing or unreadable dataset ends the
+    script with a one-line error that starts with ``what``.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return load_dataset(name, data_root(), **kwargs)
+    except QpcellError as err:
+        sys.exit(f"{what}: {err}")
+
+
 # --------------------------------------------------------------------------- methods
 @dataclass
 class Settings:
@@ -515,15 +531,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = data_root()
-    try:
-        ds = load_dataset(args.dataset, root, max_trainval=6 if args.smoke else None,
-                          test_step=3 if args.quick else 1,
-                          max_test=3 if args.smoke else args.max_test)
-    except QpcellError as err:
-        sys.exit(f"accuracy benchmark: {err}")
+    ds = script_dataset(args.dataset, "accuracy benchmark", threads=args.threads,
+                        max_trainval=6 if args.smoke else None,
+                        test_step=3 if args.quick else 1,
+                        max_test=3 if args.smoke else args.max_test)
     st = Settings(args.epochs, args.patch_size, args.disc_radius, args.device,
                   prior_epochs=min(10, args.epochs), lr=args.lr, precision=args.precision,
                   rare_repeats=args.rare_repeats, lr_schedule=args.lr_schedule)

@@ -47,7 +47,7 @@ for folder in (REPO, REPO / "benchmarks"):  # run as a script from a checkout
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from accuracy import data_root, load_dataset, scores_of  # noqa: E402
+from accuracy import scores_of, script_dataset  # noqa: E402
 
 from qpcell.errors import QpcellError  # noqa: E402
 
@@ -217,12 +217,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from qpcell.checkpoint import load_model
     from qpcell.metrics import score_dataset
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        ds = load_dataset(args.dataset, data_root(), max_test=args.max_test)
-    except QpcellError as err:
-        sys.exit(f"post-processing variants: {err}")
+    ds = script_dataset(args.dataset, "post-processing variants", threads=args.threads,
+                        max_test=args.max_test)
     names = [c.name for c in ds.classes]
     models = {}
     for folder in args.models:

@@ -28,7 +28,7 @@ for folder in (REPO, REPO / "benchmarks"):  # run as a script from a checkout
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from accuracy import data_root, load_dataset, predict_test, scores_of  # noqa: E402
+from accuracy import predict_test, scores_of, script_dataset  # noqa: E402
 
 from qpcell.errors import QpcellError  # noqa: E402
 
@@ -60,10 +60,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from qpcell.inference import using_backend
     from qpcell.metrics import score_dataset
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    ds = script_dataset(args.dataset, "precision benchmark", threads=args.threads,
+                        max_trainval=0, max_test=args.max_test)
     try:
-        ds = load_dataset(args.dataset, data_root(), max_trainval=0, max_test=args.max_test)
         bundle = load_model(args.model, device="cpu")
     except QpcellError as err:
         sys.exit(f"precision benchmark: {err}")
