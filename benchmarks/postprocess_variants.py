@@ -16,11 +16,12 @@ It takes model folders that ``accuracy.py --workdir`` kept and compares, on the 
     Threshold, minimum distance and smoothing are chosen for validation detection F1, the
     class box for weighted classification F1.
 
-Each variant is tuned on the validation images named in the model's config (the seed's own
-split) and scored once on the test split, exactly as ``accuracy.py`` scores. Where the misses
-lie is reported too: how many of the test cells within ``--edge`` px (default 3) of an image's
-edge were missed (nuclei cut by the 200 px crop), and the detection F1 of the cells further
-inside.
+The models must use S-DRDIN 2.5 post-processing (the S-DRDIN family, the U-Net and the
+separate pipeline; not MTL-IHC). Each variant is tuned on the validation images named in the
+model's config (the seed's own split) and scored once on the test split, exactly as
+``accuracy.py`` scores. Where the misses lie is reported too: how many of the test cells
+within ``--edge`` px (default 3) of an image's edge were missed (nuclei cut by the 200 px
+crop), and the detection F1 of the cells further inside.
 
 Usage::
 
@@ -54,6 +55,7 @@ from qpcell.errors import QpcellError  # noqa: E402
 VARIANTS = ("plain", "flip-tta", "det-peaks")
 KEYS = ("detection_precision", "detection_recall", "detection_f1", "weighted_f1",
         "mean_class_aware_f1")
+#: A true cell closer than this (px) to an image edge counts as at the edge.
 EDGE_PX = 3.0
 #: The det-peaks search: thresholds, minimum distances (px), Gaussian sigmas (px), class boxes.
 PEAK_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -225,6 +227,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         try:
             bundle = load_model(folder, device="cpu")
             wanted = set(validation_names(bundle.meta))
+            if bundle.postprocess_kind != "sdrdin":
+                raise QpcellError(f"its post-processing is {bundle.postprocess_kind!r}; the "
+                                  "variants compare against S-DRDIN 2.5's (S-DRDIN family, "
+                                  "U-Net, separate)")
         except QpcellError as err:
             sys.exit(f"post-processing variants: {folder}: {err}")
         val = [d for d in ds.trainval if d.name in wanted]

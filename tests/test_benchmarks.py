@@ -248,3 +248,16 @@ def test_postprocess_variants_score_one_model_three_ways(endonuke, tmp_path, mon
     for row in rows.values():
         assert 0.0 <= row["detection_f1"] <= 1.0 and row["seconds"] > 0
         assert 0 <= row["edge_missed"] <= row["edge_cells"] and 0.0 <= row["inner_f1"] <= 1.0
+
+
+def test_postprocess_variants_refuse_a_peak_model(endonuke, tmp_path, monkeypatch):
+    from qpcell.config import PostprocessConfig
+
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    folder = untrained_endonuke_model(tmp_path / "m", PostprocessConfig(),
+                                      training={"val_images": ["1014"]})
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["postprocess_kind"] = "peaks"
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(SystemExit, match="post-processing is 'peaks'"):
+        load_script("postprocess_variants").main([str(folder), "--max-test", "1"])
