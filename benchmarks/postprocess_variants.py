@@ -173,18 +173,25 @@ def validation_names(meta: dict) -> list[str]:
     return list(names)
 
 
-def run_variant(variant: str, bundle, ds, val) -> tuple[list, dict]:
-    """Tune ``variant`` on ``val``, predict the test split; returns predictions and settings."""
+def run_variant(variant: str, bundle, ds, val, cache: dict) -> tuple[list, dict]:
+    """Tune ``variant`` on ``val``, predict the test split; returns predictions and settings.
+
+    ``cache`` keeps one model's validation and test maps between its variants.
+    """
     from qpcell.config import PostprocessConfig
     from qpcell.train import image_maps, tune_postprocess
 
+    flipped = variant == "flip-tta"
+
     def maps_of(pixels: np.ndarray) -> Maps:
-        if variant == "flip-tta":
+        if flipped:
             return flip_maps(bundle.predict_maps, pixels, image_maps)
         return image_maps(bundle.predict_maps, pixels)
 
-    val_maps = [maps_of(d.pixels) for d in val]
-    test_maps = [maps_of(px) for px in ds.test_pixels]
+    if flipped not in cache:
+        cache[flipped] = ([maps_of(d.pixels) for d in val],
+                          [maps_of(px) for px in ds.test_pixels])
+    val_maps, test_maps = cache[flipped]
     if variant == "det-peaks":
         setting = tune_peaks(val_maps, val, ds.classes, ds.radius_px)
         return [peak_cells(d, c, ds.classes, **setting) for d, c in test_maps], setting
@@ -234,10 +241,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         except QpcellError as err:
             sys.exit(f"post-processing variants: {folder}: {err}")
         val = [d for d in ds.trainval if d.name in wanted]
-        rows = {}
+        rows, cache = {}, {}
         for variant in args.variants:
             t0 = time.perf_counter()
-            preds, setting = run_variant(variant, bundle, ds, val)
+            preds, setting = run_variant(variant, bundle, ds, val, cache)
             scores = scores_of(score_dataset(list(zip(preds, ds.test, strict=True)), names,
                                              ds.radius_px))
             edges = edge_breakdown(preds, ds.test, ds.test_pixels, ds.radius_px, args.edge)
