@@ -58,6 +58,11 @@ Choices (measured on this 2-core CPU, shared, see docs/RESULTS.md):
   mean class-aware F1) against 0.861 / 0.915 / 0.499 with the paper's constant rate (float32,
   older tuning) and 0.873 / 0.881 / 0.483 after 40 constant-rate epochs; the rare class is
   predicted at all only with the rare-class windows (docs/RESULTS.md).
+* ``--select-on detection`` (default, as ``qpcell train``): each deep method keeps its best
+  epoch by validation detection F1; ``combined`` by the mean of detection and weighted
+  classification F1. ``--keep-epochs`` saves every epoch's model and, after training, scores
+  each on the test split, so one run shows what either rule (and the best epoch in hindsight)
+  would have scored.
 * ``--quick``: 1 seed, 3 epochs, every third test image: a check that everything runs and
   scores (about 20 min for all methods). ``--smoke``: 6 training images, 1 epoch of 2 batches,
   3 test images, narrow networks: seconds, for tests/test_benchmarks.py.
@@ -213,6 +218,8 @@ class Settings:
     precision: str = "auto"  # TrainConfig.precision: bf16 where the hardware has it
     rare_repeats: int = 0  # PatchConfig.rare_repeats: extra draws of rare-class windows
     lr_schedule: str = "constant"  # TrainConfig.lr_schedule
+    select_on: str = "detection"  # TrainConfig.select_on: which epoch is kept
+    keep_epochs: bool = False  # score every epoch's model on the test split too
 
 
 def _train_kwargs(ds: Dataset, st: Settings, seed: int) -> dict:
@@ -222,7 +229,8 @@ def _train_kwargs(ds: Dataset, st: Settings, seed: int) -> dict:
         "model_mpp": None,
         "train_cfg": replace(TrainConfig(), epochs=st.epochs, seed=seed,
                              lr=st.lr or TrainConfig().lr, precision=st.precision,
-                             lr_schedule=st.lr_schedule),
+                             lr_schedule=st.lr_schedule, select_on=st.select_on,
+                             keep_epochs=st.keep_epochs),
         "patch_cfg": replace(PatchConfig(), size=st.patch_size, rare_repeats=st.rare_repeats),
         "match_radius_px": ds.radius_px,
         "device": st.device,
@@ -328,7 +336,50 @@ def run_method(method: str, ds: Dataset, st: Settings, seed: int, workdir: Path
     t1 = time.perf_counter()
     preds = predict_test(bundle, ds)
     facts["predict_seconds"] = time.perf_counter() - t1
+    if st.keep_epochs:
+        facts["epochs"] = score_epochs(out, result.history, ds, st)
+        facts["picks"] = epoch_picks(result.history, facts["epochs"])
     return preds, facts
+
+
+def score_epochs(out: Path, history, ds: Dataset, st: Settings) -> list[dict]:
+    """Test scores of every epoch's model (``keep_epochs``), each with its own tuned setting.
+
+    The test split is only read here, after training: it shows what each rule for choosing
+    the kept epoch would have scored, never which epoch is chosen.
+    """
+    from qpcell.checkpoint import load_model
+    from qpcell.metrics import score_dataset
+    from qpcell.train import epoch_dir
+
+    names = [c.name for c in ds.classes]
+    rows = []
+    for h in history:
+        bundle = load_model(epoch_dir(out, h.epoch), device=st.device)
+        report = score_dataset(list(zip(predict_test(bundle, ds), ds.test, strict=True)), names,
+                               ds.radius_px)
+        s = scores_of(report)
+        rows.append({"epoch": h.epoch, "val_f1": h.val_f1, "val_class_f1": h.val_class_f1,
+                     "test": s})
+        print(f"      epoch {h.epoch:3d}: validation {h.val_f1:.3f} / {h.val_class_f1:.3f}"
+              f"  test {s['detection_f1']:.3f} / {s['weighted_f1']:.3f} / "
+              f"{s['mean_class_aware_f1']:.3f}", flush=True)
+    return rows
+
+
+def epoch_picks(history, epochs: Sequence[dict]) -> dict:
+    """The epoch each selection rule keeps, with its test scores, and the best on test."""
+    from qpcell.train import SELECT_ON, pick_epoch
+
+    by_epoch = {row["epoch"]: row["test"] for row in epochs}
+    picks = {}
+    for rule in SELECT_ON:
+        e = pick_epoch(history, rule)
+        picks[rule] = {"epoch": e, "test": by_epoch[e]}
+    for key in ("detection_f1", "weighted_f1", "mean_class_aware_f1"):
+        e = max(by_epoch, key=lambda k: by_epoch[k][key])
+        picks[f"best test {key}"] = {"epoch": e, "test": by_epoch[e]}
+    return picks
 
 
 # --------------------------------------------------------------------------- scores
@@ -434,6 +485,17 @@ def markdown(result: dict) -> str:
         st = summary[m]["train_seconds"]
         lines.append(f"| {LABELS.get(m, m)} | "
                      + _pm({**st, "mean": st["mean"] / 60, "std": st["std"] / 60}, 1) + " |")
+    picked = [r for r in result["runs"] if "picks" in r]
+    if picked:
+        lines += ["", "Test scores of the epoch each rule keeps (--keep-epochs): detection F1 / "
+                  "weighted F1 / mean class-aware F1\n",
+                  "| method | seed | " + " | ".join(picked[0]["picks"]) + " |",
+                  "|---|---|" + "---|" * len(picked[0]["picks"])]
+        for r in picked:
+            lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['seed']} | " + " | ".join(
+                f"epoch {v['epoch']}: {v['test']['detection_f1']:.3f} / "
+                f"{v['test']['weighted_f1']:.3f} / {v['test']['mean_class_aware_f1']:.3f}"
+                for v in r["picks"].values()) + " |")
     goal = result.get("goal")
     if goal and result["dataset"] == "endonuke":
         lines += ["", "Goal (s-drdin on EndoNuke): "
@@ -487,6 +549,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rare-repeats", type=int, default=2,
                    help="extra draws per epoch of windows holding a rare-class cell (default 2; "
                         "S-DRDIN: 0)")
+    p.add_argument("--select-on", choices=("detection", "combined"), default="detection",
+                   help="which epoch each deep method keeps: best validation detection F1 "
+                        "(default) or the mean of detection and weighted classification F1")
+    p.add_argument("--keep-epochs", action="store_true",
+                   help="save every epoch's model and score each on the test split, to show "
+                        "what each selection rule would have kept (not for separate)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-test", type=int, default=None, help="score only N test images")
@@ -507,6 +575,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown or not methods:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     args.methods = methods
+    if args.keep_epochs and "separate" in methods:
+        p.error("--keep-epochs scores one model per epoch; the separate pipeline has two")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -537,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         max_test=3 if args.smoke else args.max_test)
     st = Settings(args.epochs, args.patch_size, args.disc_radius, args.device,
                   prior_epochs=min(10, args.epochs), lr=args.lr, precision=args.precision,
-                  rare_repeats=args.rare_repeats, lr_schedule=args.lr_schedule)
+                  rare_repeats=args.rare_repeats, lr_schedule=args.lr_schedule,
+                  select_on=args.select_on, keep_epochs=args.keep_epochs)
     if args.smoke:
         st = replace(st, max_steps=2, base=4, mtl_channels=16, prior_epochs=1)
     names = [c.name for c in ds.classes]
@@ -569,6 +640,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 print(f"    detection F1 {s['detection_f1']:.3f}  weighted F1 "
                       f"{s['weighted_f1']:.3f}  class-aware F1 {s['mean_class_aware_f1']:.3f}"
                       f"  ({facts['train_seconds'] / 60:.1f} min)", flush=True)
+                for rule, pick in facts.get("picks", {}).items():
+                    t = pick["test"]
+                    print(f"    kept on {rule}: epoch {pick['epoch']}, test "
+                          f"{t['detection_f1']:.3f} / {t['weighted_f1']:.3f} / "
+                          f"{t['mean_class_aware_f1']:.3f}", flush=True)
                 if args.plots and method not in sweeps:
                     sweeps[method] = sweep(preds, ds, method, args.plots)
     summary = summarise(runs)
@@ -584,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "mtl_channels": st.mtl_channels, "prior_epochs": st.prior_epochs,
                      "lr": st.lr, "precision": st.precision,
                      "rare_repeats": st.rare_repeats, "lr_schedule": st.lr_schedule,
+                     "select_on": st.select_on, "keep_epochs": st.keep_epochs,
                      "prior_class": ds.prior_class,
                      "nucleus_radius_px": ds.nucleus_radius_px},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -95,6 +95,11 @@ class TrainConfig:
     # "auto": bfloat16 autocast and channels-last where the hardware computes bf16 natively
     # (CUDA; CPUs with AVX512-BF16 or AMX: about 2.5x faster steps here); "fp32" or "bf16"
     precision: str = "auto"
+    # Which epoch's model is kept. S-DRDIN 2.3 does not say; "detection" keeps the best
+    # validation detection F1 (ties: weighted classification F1), "combined" the best mean of
+    # the two, for models that classify (detection-only models always use detection F1).
+    select_on: str = "detection"
+    keep_epochs: bool = False  # also save every epoch's model under <out>/epochs/
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Steps: read every image at the model's µm/px; split by image (7:3, seeded, or g
 224x224 patches with stride 120 inside annotated regions; train with Adam; after every epoch run
 the real post-processing on the validation images, tune its threshold (and the small-component
 area) for detection F1, and keep the best model by validation detection F1 (ties: weighted
-classification F1). A Ctrl-C saves a resumable state; ``resume=True`` continues from it.
+classification F1) or, with ``select_on="combined"``, by the mean of the two; ``keep_epochs``
+also saves every epoch's model. A Ctrl-C saves a resumable state; ``resume=True`` continues from it.
 Nothing here prints: progress goes to a :class:`TrainCallbacks` object and a log file.
 """
 
@@ -314,6 +315,40 @@ def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
                       f"{', '.join(LR_SCHEDULES)}")
 
 
+SELECT_ON = ("detection", "combined")
+EPOCHS_DIR = "epochs"
+
+
+def selection_key(f1: float, class_f1: float, select_on: str = "detection",
+                  classifies: bool = True) -> tuple[float, float]:
+    """The key by which the kept epoch is chosen (higher is better).
+
+    ``"detection"``: validation detection F1, ties broken by weighted classification F1.
+    ``"combined"``: the mean of the two, ties broken by detection F1; a model that does not
+    classify (``classifies=False``) is always chosen on detection.
+    """
+    if select_on not in SELECT_ON:
+        raise QpcellError(f"unknown model selection {select_on!r}; choose from "
+                          f"{', '.join(SELECT_ON)}")
+    if select_on == "detection" or not classifies:
+        return (f1, class_f1)
+    return ((f1 + class_f1) / 2, f1)
+
+
+def pick_epoch(history: Sequence[EpochSummary], select_on: str = "detection",
+               classifies: bool = True) -> int:
+    """The epoch :func:`train` keeps under ``select_on`` (the first of equals)."""
+    if not history:
+        raise QpcellError("no epochs to choose from")
+    keys = [selection_key(h.val_f1, h.val_class_f1, select_on, classifies) for h in history]
+    return history[keys.index(max(keys))].epoch
+
+
+def epoch_dir(out: str | Path, epoch: int) -> Path:
+    """Where ``keep_epochs`` saves the model of ``epoch``: ``<out>/epochs/epoch-007``."""
+    return Path(out) / EPOCHS_DIR / f"epoch-{epoch:03d}"
+
+
 def _state(model, optimizer, epoch: int, best: dict, history: list[EpochSummary],
            split: tuple[list[str], list[str]]) -> dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -424,10 +459,13 @@ def train(
 
     model = create_model(model_name, len(classes), **(model_kwargs or {})).to(device)
     amp = autocast_dtype(device, train_cfg.precision)
-    epoch_lr(train_cfg, 1)  # an unknown schedule fails now, not after the data is read
+    # An unknown schedule or model selection fails now, not after the first epoch.
+    epoch_lr(train_cfg, 1)
+    selection_key(0.0, 0.0, train_cfg.select_on)
     layout = torch.channels_last if amp is not None else torch.contiguous_format
     model.to(memory_format=layout)
     kind = getattr(model, "postprocess_kind", "sdrdin")
+    classifies = bool(getattr(model, "has_cls", True))
     make_targets = getattr(model, "target_fn", None)
     target_fn = make_targets(radius) if make_targets else (
         lambda xy, lab, shape: sdrdin_targets(xy, lab, len(classes), shape, radius))
@@ -435,13 +473,18 @@ def train(
                                  weight_decay=train_cfg.weight_decay)
     rng = np.random.default_rng(train_cfg.seed)
     history: list[EpochSummary] = []
-    best = {"key": [-1.0, -1.0], "epoch": 0, "setting": {}}
+    best = {"key": [-math.inf, -math.inf], "f1": -1.0, "class_f1": -1.0, "epoch": 0,
+            "setting": {}}
     start_epoch = 1
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         best = json.loads(state["best"])
+        best.setdefault("f1", best["key"][0])  # resume states before selection was a choice
+        best.setdefault("class_f1", best["key"][1])
+        best["key"] = list(selection_key(best["f1"], best["class_f1"], train_cfg.select_on,
+                                         classifies))
         history = [EpochSummary(**h) for h in json.loads(state["history"])]
         start_epoch = int(state["epoch"]) + 1
         rng = np.random.default_rng([train_cfg.seed, start_epoch])
@@ -522,32 +565,37 @@ def train(
             setting, f1, cf1 = broadcast(
                 validate(model, val_set, classes, post, match_r, kind, device)
                 if ctx.is_main else None, ctx)  # rank 0 validates; the others wait for it
-            is_best = (f1, cf1) > tuple(best["key"])
+            key = selection_key(f1, cf1, train_cfg.select_on, classifies)
+            is_best = key > tuple(best["key"])
             if is_best:
-                best = {"key": [f1, cf1], "epoch": epoch, "setting": setting}
-                meta = {
-                    "classes": classes_to_meta(classes),
-                    "mpp": model_mpp,
-                    "mask": {**to_dict(mask_cfg), "disc_radius_px_at_model_mpp": radius},
-                    "postprocess_kind": kind,
-                    "postprocess": postprocess_meta(replace(post, **setting)) if kind == "sdrdin"
-                    else postprocess_meta(post),
-                    "peaks": setting if kind == "peaks" else None,
-                    "training": {
-                        "epoch": epoch, "epochs": train_cfg.epochs, "val_f1": f1,
-                        "val_class_f1": cf1, "match_radius_px": match_r,
-                        "train_images": split[0], "val_images": split[1],
-                        "n_train_points": int(sum(len(d.xy) for d in train_set)),
-                        "config": to_dict(train_cfg), "patch": to_dict(patch_cfg),
-                        "qpcell_version": __version__,
-                    },
-                    **(extra_meta or {}),
-                }
+                best = {"key": list(key), "f1": f1, "class_f1": cf1, "epoch": epoch,
+                        "setting": setting}
+            meta = {
+                "classes": classes_to_meta(classes),
+                "mpp": model_mpp,
+                "mask": {**to_dict(mask_cfg), "disc_radius_px_at_model_mpp": radius},
+                "postprocess_kind": kind,
+                "postprocess": postprocess_meta(replace(post, **setting)) if kind == "sdrdin"
+                else postprocess_meta(post),
+                "peaks": setting if kind == "peaks" else None,
+                "training": {
+                    "epoch": epoch, "epochs": train_cfg.epochs, "val_f1": f1,
+                    "val_class_f1": cf1, "match_radius_px": match_r,
+                    "train_images": split[0], "val_images": split[1],
+                    "n_train_points": int(sum(len(d.xy) for d in train_set)),
+                    "config": to_dict(train_cfg), "patch": to_dict(patch_cfg),
+                    "qpcell_version": __version__,
+                },
+                **(extra_meta or {}),
+            }
+            if ctx.is_main and (is_best or train_cfg.keep_epochs):
                 # A model with training-only parts (MTL-IHC's auxiliary decoders) saves only
                 # what inference uses.
-                if ctx.is_main:
-                    save_model(out, model.export() if hasattr(model, "export") else model,
-                               meta)
+                kept = model.export() if hasattr(model, "export") else model
+                if is_best:
+                    save_model(out, kept, meta)
+                if train_cfg.keep_epochs:
+                    save_model(epoch_dir(out, epoch), kept, meta)
             summary = EpochSummary(epoch, total / max(steps, 1),
                                    {k: v / max(steps, 1) for k, v in parts_sum.items()},
                                    f1, cf1, float(setting.get("threshold", math.nan)),
@@ -568,8 +616,8 @@ def train(
         raise TrainingInterrupted(
             f"interrupted after epoch {last_epoch}; continue with --resume", out) from None
     barrier(ctx)  # the model folder is complete before any rank returns
-    return TrainResult(out, history, int(best["epoch"]), float(best["key"][0]),
-                       float(best["key"][1]), split[0], split[1], n_patches,
+    return TrainResult(out, history, int(best["epoch"]), float(best["f1"]),
+                       float(best["class_f1"]), split[0], split[1], n_patches,
                        time.perf_counter() - t_start)
 
 
@@ -586,4 +634,5 @@ def validate(model: torch.nn.Module, val_set: Sequence[TrainImage], classes, pos
 
 
 __all__ = ["TrainImage", "EpochSummary", "TrainResult", "TrainCallbacks", "TrainingInterrupted",
-           "load_train_image", "split_names", "tune_postprocess", "train", "validate"]
+           "load_train_image", "split_names", "tune_postprocess", "train", "validate",
+           "SELECT_ON", "selection_key", "pick_epoch", "epoch_dir"]

@@ -68,6 +68,32 @@ def test_accuracy_smoke_writes_tables_json_and_sweeps(endonuke, tmp_path, monkey
         assert len(result["sweeps"][method]["detection_f1"]) == 12  # radii 1..12 px
 
 
+def test_accuracy_keep_epochs_scores_every_epoch_and_each_rule(endonuke, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    acc = load_script("accuracy")
+    out = tmp_path / "acc.json"
+    acc.main(["--smoke", "--epochs", "2", "--methods", "s-drdin", "--select-on", "combined",
+              "--keep-epochs", "--json", str(out), "--markdown", str(tmp_path / "acc.md"),
+              "--device", "cpu", "--threads", "1"])
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["settings"]["select_on"] == "combined"
+    run = result["runs"][0]
+    assert [row["epoch"] for row in run["epochs"]] == [1, 2]
+    assert [row["val_f1"] for row in run["epochs"]] == [h["val_f1"] for h in run["history"]]
+    picks = run["picks"]
+    assert set(picks) == {"detection", "combined", "best test detection_f1",
+                          "best test weighted_f1", "best test mean_class_aware_f1"}
+    # trained with --select-on combined: the kept model is that rule's epoch, scored alike
+    assert picks["combined"]["epoch"] == run["best_epoch"]
+    assert picks["combined"]["test"] == run["scores"]
+    best = max(row["test"]["detection_f1"] for row in run["epochs"])
+    assert picks["best test detection_f1"]["test"]["detection_f1"] == best
+    assert "Test scores of the epoch each rule keeps" in (tmp_path / "acc.md").read_text()
+    with pytest.raises(SystemExit):
+        acc.main(["--smoke", "--methods", "separate", "--keep-epochs"])
+
+
 def test_accuracy_says_where_the_data_should_be(tmp_path, monkeypatch):
     monkeypatch.setenv("QPCELL_DATA", str(tmp_path))
     acc = load_script("accuracy")

@@ -73,11 +73,14 @@ def test_mtl_ihc_trains_from_the_command_line(cli, project, tmp_path):
 def test_training_options_reach_the_saved_model(cli, project, tmp_path):
     out = tmp_path / "m"
     code, _, stderr = cli("train", project, "--out", out, "--base", "4", "--precision", "fp32",
-                          "--lr-schedule", "cosine", "--rare-repeats", "3", *TINY_TRAIN)
+                          "--lr-schedule", "cosine", "--rare-repeats", "3", "--select-on",
+                          "combined", "--keep-epochs", *TINY_TRAIN)
     assert code == 0, stderr
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["config"]["precision"] == "fp32"
     assert training["config"]["lr_schedule"] == "cosine"
+    assert training["config"]["select_on"] == "combined"
+    assert (out / "epochs" / "epoch-001" / "weights.safetensors").is_file()
     assert training["patch"]["rare_repeats"] == 3
     code, stdout, stderr = cli("predict", out, project, "--out", tmp_path / "p", "--device",
                                "cpu", "--backend", "eager")
@@ -89,6 +92,7 @@ def test_training_options_reach_the_saved_model(cli, project, tmp_path):
     (("train", "nowhere", "--out", "m"), "no such file or folder"),
     (("train", ".", "--out", "m", "--patch-size", "100"), "multiple of 16"),
     (("train", ".", "--out", "m", "--precision", "fp16"), "--precision 'fp16'"),
+    (("train", ".", "--out", "m", "--select-on", "loss"), "--select-on 'loss'"),
     (("predict", "nowhere", "nowhere", "--out", "o"), "not a qpcell model"),
 ])
 def test_bad_input_is_one_line_and_exit_1(cli, tmp_path, monkeypatch, args, message):

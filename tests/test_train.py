@@ -15,9 +15,13 @@ from qpcell.errors import QpcellError
 from qpcell.metrics import score_dataset
 from qpcell.synthetic import synthetic_dataset
 from qpcell.train import (
+    EpochSummary,
     TrainCallbacks,
     TrainImage,
     TrainingInterrupted,
+    epoch_dir,
+    pick_epoch,
+    selection_key,
     split_names,
     train,
 )
@@ -201,3 +205,61 @@ def test_cosine_schedule_falls_from_the_paper_rate_and_constant_stays():
     assert epoch_lr(replace(cfg, lr_schedule="constant"), 7) == 1e-3
     with pytest.raises(QpcellError, match="unknown learning-rate schedule 'step'"):
         epoch_lr(replace(cfg, lr_schedule="step"), 1)
+
+
+def summary(epoch: int, f1: float, class_f1: float) -> EpochSummary:
+    return EpochSummary(epoch, 1.0, {}, f1, class_f1, 0.5, 1.0, False)
+
+
+def test_selection_rules_pick_detection_or_the_mean_of_both():
+    history = [summary(1, 0.80, 0.70), summary(2, 0.86, 0.60), summary(3, 0.84, 0.80),
+               summary(4, 0.84, 0.80)]
+    assert pick_epoch(history, "detection") == 2
+    assert pick_epoch(history, "combined") == 3  # epochs 3 and 4 tie: the first is kept
+    assert pick_epoch(history, "combined", classifies=False) == 2
+    assert selection_key(0.8, 0.6, "combined") == pytest.approx((0.7, 0.8))
+    assert selection_key(0.8, 0.6, "detection") == (0.8, 0.6)
+    # detection ties are broken by classification
+    assert pick_epoch([summary(1, 0.8, 0.5), summary(2, 0.8, 0.6)], "detection") == 2
+    with pytest.raises(QpcellError, match="unknown model selection 'loss'"):
+        pick_epoch(history, "loss")
+    with pytest.raises(QpcellError, match="no epochs"):
+        pick_epoch([], "detection")
+
+
+def test_keep_epochs_saves_each_epoch_and_the_kept_one_follows_the_rule(tmp_path):
+    classes, data = tiny_data(3, 96)
+    cfg = replace(TrainConfig(), epochs=3, seed=0, select_on="combined", keep_epochs=True)
+    result = train([], classes, tmp_path / "m", model_kwargs={"base": 4}, model_mpp=None,
+                   prepared=data, train_cfg=cfg, patch_cfg=PATCH, device="cpu",
+                   max_steps_per_epoch=2, val_names=[data[0].name])
+    assert result.best_epoch == pick_epoch(result.history, "combined")
+    kept = result.history[result.best_epoch - 1]
+    assert (result.val_f1, result.val_class_f1) == (kept.val_f1, kept.val_class_f1)
+    for h in result.history:
+        config = read_config(epoch_dir(result.model_dir, h.epoch))
+        assert config["training"]["epoch"] == h.epoch
+        assert config["training"]["val_f1"] == h.val_f1
+    # the model folder holds exactly the kept epoch's weights and settings
+    kept_dir = epoch_dir(result.model_dir, result.best_epoch)
+    assert ((result.model_dir / "weights.safetensors").read_bytes()
+            == (kept_dir / "weights.safetensors").read_bytes())
+    assert read_config(result.model_dir)["postprocess"] == read_config(kept_dir)["postprocess"]
+    assert not (result.model_dir / "epochs" / "epoch-004").exists()
+
+
+def test_resume_reads_a_state_saved_before_selection_was_a_choice(tmp_path):
+    classes, data = tiny_data(2, 96)
+    kwargs = dict(model_kwargs={"base": 4}, model_mpp=None, prepared=data, patch_cfg=PATCH,
+                  device="cpu", max_steps_per_epoch=2)
+    train([], classes, tmp_path / "m", train_cfg=replace(TrainConfig(), epochs=1), **kwargs)
+    path = tmp_path / "m" / "resume.pt"
+    state = torch.load(path, weights_only=True)
+    old = json.loads(state["best"])
+    state["best"] = json.dumps({"key": old["key"], "epoch": old["epoch"],
+                                "setting": old["setting"]})  # the format of earlier versions
+    torch.save(state, path)
+    result = train([], classes, tmp_path / "m", resume=True,
+                   train_cfg=replace(TrainConfig(), epochs=2, select_on="combined"), **kwargs)
+    assert [h.epoch for h in result.history] == [1, 2]
+    assert result.best_epoch == pick_epoch(result.history, "combined")

@@ -20,7 +20,7 @@ from qpcell.cli._app import app, console, err_console
 from qpcell.config import PAPER_MPP, MaskConfig, PatchConfig, TrainConfig
 from qpcell.device import PRECISIONS
 from qpcell.errors import QpcellError
-from qpcell.train import EpochSummary, TrainCallbacks, TrainResult
+from qpcell.train import SELECT_ON, EpochSummary, TrainCallbacks, TrainResult
 
 SEPARATE = "separate"
 MTL = "mtl-ihc"
@@ -125,6 +125,11 @@ def train_command(
     lr: float = typer.Option(TrainConfig.lr, help="Adam learning rate (S-DRDIN: 1e-3)."),
     lr_schedule: str = typer.Option(TrainConfig.lr_schedule, help="'constant' (S-DRDIN) or "
                                     "'cosine' (down to 0 by the last epoch)."),
+    select_on: str = typer.Option(TrainConfig.select_on, help="Which epoch to keep: "
+                                  "'detection' (best validation detection F1) or 'combined' "
+                                  "(best mean of detection F1 and weighted classification F1)."),
+    keep_epochs: bool = typer.Option(False, help="Also save every epoch's model under "
+                                     "OUT/epochs/epoch-NNN."),
     seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
     precision: str = typer.Option(TrainConfig.precision, help="'auto': bf16 autocast and "
                                   "channels-last where the hardware computes bf16 natively "
@@ -179,6 +184,8 @@ def train_command(
         raise QpcellError(f"--stride {stride} must be between 1 and --patch-size")
     if precision not in PRECISIONS:
         raise QpcellError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if select_on not in SELECT_ON:
+        raise QpcellError(f"--select-on {select_on!r}: choose from {', '.join(SELECT_ON)}")
     if epochs < 1 or batch_size < 1:
         raise QpcellError("--epochs and --batch-size must be at least 1")
     roots = {}
@@ -212,7 +219,8 @@ def train_command(
         classes, annotated, out, model,
         model_mpp=model_mpp_value, fallback_mpp=mpp,
         train_cfg=replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          precision=precision, lr_schedule=lr_schedule),
+                          precision=precision, lr_schedule=lr_schedule,
+                          select_on=select_on, keep_epochs=keep_epochs),
         patch_cfg=replace(PatchConfig(), size=patch_size, stride=stride,
                           background_fraction=background_fraction, rotate90=rotate90,
                           rare_repeats=rare_repeats),
