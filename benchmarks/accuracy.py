@@ -368,17 +368,20 @@ def score_epochs(out: Path, history, ds: Dataset, st: Settings) -> list[dict]:
 
 
 def epoch_picks(history, epochs: Sequence[dict]) -> dict:
-    """The epoch each selection rule keeps, with its test scores, and the best on test."""
+    """The epoch each selection rule keeps, the last epoch and the best on test, with their
+    test scores."""
     from qpcell.train import SELECT_ON, pick_epoch
 
     by_epoch = {row["epoch"]: row["test"] for row in epochs}
     picks = {}
     for rule in SELECT_ON:
         e = pick_epoch(history, rule)
-        picks[rule] = {"epoch": e, "test": by_epoch[e]}
+        picks[f"kept on {rule}"] = {"epoch": e, "test": by_epoch[e]}
+    last = max(by_epoch)
+    picks["last epoch"] = {"epoch": last, "test": by_epoch[last]}
     for key in ("detection_f1", "weighted_f1", "mean_class_aware_f1"):
         e = max(by_epoch, key=lambda k: by_epoch[k][key])
-        picks[f"best test {key}"] = {"epoch": e, "test": by_epoch[e]}
+        picks[f"best test {key}"] = {"epoch": e, "test": by_epoch[e]}  # hindsight
     return picks
 
 
@@ -642,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       f"  ({facts['train_seconds'] / 60:.1f} min)", flush=True)
                 for rule, pick in facts.get("picks", {}).items():
                     t = pick["test"]
-                    print(f"    kept on {rule}: epoch {pick['epoch']}, test "
+                    print(f"    {rule}: epoch {pick['epoch']}, test "
                           f"{t['detection_f1']:.3f} / {t['weighted_f1']:.3f} / "
                           f"{t['mean_class_aware_f1']:.3f}", flush=True)
                 if args.plots and method not in sweeps:

@@ -82,11 +82,13 @@ def test_accuracy_keep_epochs_scores_every_epoch_and_each_rule(endonuke, tmp_pat
     assert [row["epoch"] for row in run["epochs"]] == [1, 2]
     assert [row["val_f1"] for row in run["epochs"]] == [h["val_f1"] for h in run["history"]]
     picks = run["picks"]
-    assert set(picks) == {"detection", "combined", "best test detection_f1",
-                          "best test weighted_f1", "best test mean_class_aware_f1"}
+    assert set(picks) == {"kept on detection", "kept on combined", "last epoch",
+                          "best test detection_f1", "best test weighted_f1",
+                          "best test mean_class_aware_f1"}
     # trained with --select-on combined: the kept model is that rule's epoch, scored alike
-    assert picks["combined"]["epoch"] == run["best_epoch"]
-    assert picks["combined"]["test"] == run["scores"]
+    assert picks["kept on combined"]["epoch"] == run["best_epoch"]
+    assert picks["kept on combined"]["test"] == run["scores"]
+    assert picks["last epoch"]["test"] == run["epochs"][-1]["test"]
     best = max(row["test"]["detection_f1"] for row in run["epochs"])
     assert picks["best test detection_f1"]["test"]["detection_f1"] == best
     assert "Test scores of the epoch each rule keeps" in (tmp_path / "acc.md").read_text()
