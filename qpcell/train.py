@@ -5,7 +5,8 @@ Steps: read every image at the model's µm/px; split by image (7:3, seeded, or g
 the real post-processing on the validation images, tune its threshold (and the small-component
 area) for detection F1, and keep the best model by validation detection F1 (ties: weighted
 classification F1) or, with ``select_on="combined"``, by the mean of the two; ``keep_epochs``
-also saves every epoch's model. A Ctrl-C saves a resumable state; ``resume=True`` continues from it.
+also saves every epoch's model. A Ctrl-C saves a resumable state; ``resume=True`` continues
+from it.
 Nothing here prints: progress goes to a :class:`TrainCallbacks` object and a log file.
 """
 
