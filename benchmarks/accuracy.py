@@ -94,6 +94,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
+from qpcell.config import SELECT_ON  # noqa: E402
 from qpcell.errors import QpcellError  # noqa: E402
 from qpcell.points import AnnotatedImage, CellClass, Detections  # noqa: E402
 
@@ -370,7 +371,7 @@ def score_epochs(out: Path, history, ds: Dataset, st: Settings) -> list[dict]:
 def epoch_picks(history, epochs: Sequence[dict]) -> dict:
     """The epoch each selection rule keeps, the last epoch and the best on test, with their
     test scores."""
-    from qpcell.train import SELECT_ON, pick_epoch
+    from qpcell.train import pick_epoch
 
     by_epoch = {row["epoch"]: row["test"] for row in epochs}
     picks = {}
@@ -552,7 +553,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rare-repeats", type=int, default=2,
                    help="extra draws per epoch of windows holding a rare-class cell (default 2; "
                         "S-DRDIN: 0)")
-    p.add_argument("--select-on", choices=("detection", "combined"), default="detection",
+    p.add_argument("--select-on", choices=SELECT_ON, default="detection",
                    help="which epoch each deep method keeps: best validation detection F1 "
                         "(default) or the mean of detection and weighted classification F1")
     p.add_argument("--keep-epochs", action="store_true",

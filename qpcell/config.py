@@ -98,8 +98,12 @@ class TrainConfig:
     # Which epoch's model is kept. S-DRDIN 2.3 does not say; "detection" keeps the best
     # validation detection F1 (ties: weighted classification F1), "combined" the best mean of
     # the two, for models that classify (detection-only models always use detection F1).
-    select_on: str = "detection"
+    select_on: str = "detection"  # one of SELECT_ON
     keep_epochs: bool = False  # also save every epoch's model under <out>/epochs/
+
+
+#: The rules for TrainConfig.select_on.
+SELECT_ON = ("detection", "combined")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from qpcell import __version__
 from qpcell.checkpoint import classes_to_meta, postprocess_meta, save_model
 from qpcell.config import (
     PAPER_MPP,
+    SELECT_ON,
     MaskConfig,
     MatchConfig,
     PatchConfig,
@@ -316,7 +317,6 @@ def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
                       f"{', '.join(LR_SCHEDULES)}")
 
 
-SELECT_ON = ("detection", "combined")
 EPOCHS_DIR = "epochs"
 
 
@@ -571,25 +571,25 @@ def train(
             if is_best:
                 best = {"key": list(key), "f1": f1, "class_f1": cf1, "epoch": epoch,
                         "setting": setting}
-            meta = {
-                "classes": classes_to_meta(classes),
-                "mpp": model_mpp,
-                "mask": {**to_dict(mask_cfg), "disc_radius_px_at_model_mpp": radius},
-                "postprocess_kind": kind,
-                "postprocess": postprocess_meta(replace(post, **setting)) if kind == "sdrdin"
-                else postprocess_meta(post),
-                "peaks": setting if kind == "peaks" else None,
-                "training": {
-                    "epoch": epoch, "epochs": train_cfg.epochs, "val_f1": f1,
-                    "val_class_f1": cf1, "match_radius_px": match_r,
-                    "train_images": split[0], "val_images": split[1],
-                    "n_train_points": int(sum(len(d.xy) for d in train_set)),
-                    "config": to_dict(train_cfg), "patch": to_dict(patch_cfg),
-                    "qpcell_version": __version__,
-                },
-                **(extra_meta or {}),
-            }
             if ctx.is_main and (is_best or train_cfg.keep_epochs):
+                meta = {
+                    "classes": classes_to_meta(classes),
+                    "mpp": model_mpp,
+                    "mask": {**to_dict(mask_cfg), "disc_radius_px_at_model_mpp": radius},
+                    "postprocess_kind": kind,
+                    "postprocess": postprocess_meta(replace(post, **setting))
+                    if kind == "sdrdin" else postprocess_meta(post),
+                    "peaks": setting if kind == "peaks" else None,
+                    "training": {
+                        "epoch": epoch, "epochs": train_cfg.epochs, "val_f1": f1,
+                        "val_class_f1": cf1, "match_radius_px": match_r,
+                        "train_images": split[0], "val_images": split[1],
+                        "n_train_points": int(sum(len(d.xy) for d in train_set)),
+                        "config": to_dict(train_cfg), "patch": to_dict(patch_cfg),
+                        "qpcell_version": __version__,
+                    },
+                    **(extra_meta or {}),
+                }
                 # A model with training-only parts (MTL-IHC's auxiliary decoders) saves only
                 # what inference uses.
                 kept = model.export() if hasattr(model, "export") else model

@@ -17,10 +17,10 @@ from rich.progress import (
 from rich.table import Table
 
 from qpcell.cli._app import app, console, err_console
-from qpcell.config import PAPER_MPP, MaskConfig, PatchConfig, TrainConfig
+from qpcell.config import PAPER_MPP, SELECT_ON, MaskConfig, PatchConfig, TrainConfig
 from qpcell.device import PRECISIONS
 from qpcell.errors import QpcellError
-from qpcell.train import SELECT_ON, EpochSummary, TrainCallbacks, TrainResult
+from qpcell.train import EpochSummary, TrainCallbacks, TrainResult
 
 SEPARATE = "separate"
 MTL = "mtl-ihc"
