@@ -60,6 +60,7 @@ from qpcell.predict import (
     output_paths,
     plan_tiles,
     run_plan,
+    settle_pixel_size,
     start_summary,
 )
 
@@ -263,10 +264,13 @@ class DoneImage:
     entry: dict
 
 
-def _open(job: PredictionJob):
+def _open(job: PredictionJob, predictor: Predictor | None = None):
     from qpcell.io.slides import open_slide
 
-    return open_slide(job.image, mpp=job.mpp)
+    slide = open_slide(job.image, mpp=job.mpp)
+    if predictor is not None:
+        settle_pixel_size(slide, predictor)
+    return slide
 
 
 def start_image(job: PredictionJob, model: str, out: str, options: CohortOptions,
@@ -276,11 +280,8 @@ def start_image(job: PredictionJob, model: str, out: str, options: CohortOptions
     predictor = load_predictor(model, options.device, threads, options.backend)
     t0 = time.perf_counter()
     output_paths(Path(out), job.name)["geojson"].unlink(missing_ok=True)  # the marker first
-    with _open(job) as slide:
-        warns: list[str] = []
-        if slide.mpp is None and predictor.mpp is not None:
-            warns.append(f"pixel size unknown: taken to be the model's "
-                         f"{predictor.mpp} µm/px (pass --mpp to set it)")
+    with _open(job, predictor) as slide:
+        warns = settle_pixel_size(slide, predictor)
         plan = plan_tiles(slide, mpp=predictor.mpp, tile_size=options.tile_size,
                           halo=options.halo, reach_px=predictor.reach_px, regions=job.regions,
                           tissue=options.tissue)
@@ -304,7 +305,7 @@ def run_block(job: PredictionJob, model: str, plan: TilePlan, options: CohortOpt
     t0 = time.perf_counter()
     if plan.regions is not None:
         shapely.prepare(plan.regions)  # preparation does not survive pickling
-    with _open(job) as slide:
+    with _open(job, predictor) as slide:
         det = run_plan(slide, plan, predictor.map_fn, predictor.postprocess_fn,
                        classes=predictor.classes, batch_size=options.batch_size,
                        workers=options.post_workers or threads)

@@ -393,6 +393,9 @@ class Predictor:
     reach_px: int = 0
     name: str = "model"
     info: dict = field(default_factory=dict)
+    #: Pixel size (µm/px) for images that carry none: what training estimated for its own
+    #: images without one (``config.json``: ``training.source_mpp``), else None.
+    source_mpp: float | None = None
 
     @classmethod
     def from_bundle(cls, bundle, name: str | None = None, backend: str = "fast") -> Predictor:
@@ -413,7 +416,29 @@ class Predictor:
                    tuple(bundle.classes), bundle.mpp,
                    reach, name or str(getattr(bundle, "path", "model")),
                    {"architecture": getattr(bundle, "name", None),
-                    "postprocess_kind": getattr(bundle, "postprocess_kind", None)})
+                    "postprocess_kind": getattr(bundle, "postprocess_kind", None)},
+                   source_mpp_of(getattr(bundle, "meta", {}) or {}))
+
+
+def source_mpp_of(meta: dict) -> float | None:
+    """The pixel size a model's training estimated for images without one (µm/px), if any."""
+    info = (meta.get("training") or {}).get("source_mpp") or {}
+    value = info.get("value") if info.get("how") == "estimated" else None
+    return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def settle_pixel_size(slide: Slide, predictor: Predictor) -> list[str]:
+    """Give a slide without a pixel size the one the model's training estimated for such
+    images (:attr:`Predictor.source_mpp`); the warnings to show the user (the same on every
+    call)."""
+    slide.assume_mpp(predictor.source_mpp, "model")
+    if slide.mpp_source == "model":
+        return [f"pixel size unknown: taken to be {slide.mpp:.3g} µm/px, as training "
+                f"estimated for its images without one (pass --mpp to set it)"]
+    if slide.mpp is None and predictor.mpp is not None:
+        return [f"pixel size unknown: taken to be the model's {predictor.mpp} µm/px (pass "
+                f"--mpp to set it)"]
+    return []
 
 
 @dataclass
@@ -623,9 +648,7 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
         t0 = time.perf_counter()
         warns: list[str] = []
         with open_slide(job.image, mpp=job.mpp) as slide:
-            if slide.mpp is None and predictor.mpp is not None:
-                warns.append(f"pixel size unknown: taken to be the model's "
-                             f"{predictor.mpp} µm/px (pass --mpp to set it)")
+            warns += settle_pixel_size(slide, predictor)
             plan = plan_tiles(slide, mpp=predictor.mpp, tile_size=tile_size, halo=halo,
                               reach_px=predictor.reach_px, regions=job.regions, tissue=tissue)
             emit(PredictEvent("start", job.name, index, len(jobs), 0, len(plan)))

@@ -316,6 +316,13 @@ class Slide:
         """
         return cls(_ArrayBackend(array), properties=properties, mpp=mpp, path=name)
 
+    def assume_mpp(self, mpp: float | None, source: str = "assumed") -> bool:
+        """Take ``mpp`` (µm/px) as the pixel size when the slide has none; True if it did."""
+        if self.mpp is not None or mpp is None:
+            return False
+        self.mpp, self.mpp_source = float(mpp), source
+        return True
+
     def close(self) -> None:
         self._backend.close()
 
