@@ -34,6 +34,13 @@ class PatchConfig:
     # training points) are drawn rare_repeats more times per epoch; 0 = the paper's sampling.
     rare_share: float = 0.05
     rare_repeats: int = 0
+    # Not in the paper: "grid" = the S-DRDIN 2.2 stride grid over every image; "cells" = each
+    # window centred near a random annotated cell (plus background_fraction anywhere), drawn
+    # anew every round (qpcell.patches.cell_windows).
+    sampling: str = "grid"
+    # "cells" sampling: a cell of class c is drawn with weight share_c ** -class_balance
+    class_balance: float = 0.0
+    colour_jitter: float = 0.0  # HED stain + brightness/contrast jitter strength (qpcell.augment)
 
 
 @dataclass(frozen=True)
@@ -100,10 +107,18 @@ class TrainConfig:
     # the two, for models that classify (detection-only models always use detection F1).
     select_on: str = "detection"  # one of SELECT_ON
     keep_epochs: bool = False  # also save every epoch's model under <out>/epochs/
+    # Not in the papers: a linear warm-up over this share of the run before the schedule
+    warmup: float = 0.0
+    # Not in the papers: train for this many seconds (wall clock, validation and writing the
+    # model included) instead of ``epochs``; the schedule spans the time (qpcell.schedule)
+    time_budget_s: float | None = None
+    val_share: float = 0.1  # a time-budgeted run validates for at most this share of it
 
 
 #: The rules for TrainConfig.select_on.
 SELECT_ON = ("detection", "combined")
+#: The ways of drawing training windows (PatchConfig.sampling).
+SAMPLINGS = ("grid", "cells")
 
 
 @dataclass(frozen=True)
@@ -138,5 +153,5 @@ def from_dict(cls, data: dict):
     return cls(**kwargs)
 
 
-__all__ = ["PAPER_MPP", "MaskConfig", "PatchConfig", "PostprocessConfig", "MatchConfig",
-           "TrainConfig", "MTLConfig", "to_dict", "from_dict"]
+__all__ = ["PAPER_MPP", "SAMPLINGS", "SELECT_ON", "MaskConfig", "PatchConfig",
+           "PostprocessConfig", "MatchConfig", "TrainConfig", "MTLConfig", "to_dict", "from_dict"]

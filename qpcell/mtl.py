@@ -210,6 +210,9 @@ def train_mtl(images: Sequence[AnnotatedImage], classes: Sequence[CellClass], ou
         idx = resolve_prior_classes(prior_classes, classes, data)
         prior_dir = out / PRIOR_DIR
         prior_cfg = replace(train_cfg, epochs=mtl_cfg.prior_epochs)
+        if train_cfg.time_budget_s:  # a third of the budget for the early-stopped model
+            prior_cfg = replace(prior_cfg, time_budget_s=train_cfg.time_budget_s / 3)
+            train_cfg = replace(train_cfg, time_budget_s=train_cfg.time_budget_s * 2 / 3)
         done = _resume_epoch(prior_dir) if resume else 0
         if done < mtl_cfg.prior_epochs:
             stage1 = train_mod.train(

@@ -1,13 +1,20 @@
-"""The training loop: images + points -> a model folder, validated and tuned as S-DRDIN 2.3-2.5.
+"""Training: images + points -> a model folder, in five named stages.
 
-Steps: read every image at the model's µm/px; split by image (7:3, seeded, or given); sample
-224x224 patches with stride 120 inside annotated regions; train with Adam; after every epoch run
-the real post-processing on the validation images, tune its threshold (and the small-component
-area) for detection F1, and keep the best model by validation detection F1 (ties: weighted
-classification F1) or, with ``select_on="combined"``, by the mean of the two; ``keep_epochs``
-also saves every epoch's model. A Ctrl-C saves a resumable state; ``resume=True`` continues
-from it.
-Nothing here prints: progress goes to a :class:`TrainCallbacks` object and a log file.
+1. :func:`prepare_data` reads every image at the model's µm/px (estimating the pixel size of
+   images that carry none from the size of their annotated nuclei, :mod:`qpcell.scale`) and
+   splits them by image into train and validation (S-DRDIN 2.1: 7:3, seeded, or given).
+2. :func:`build_run` creates the model, optimiser and targets (or restores them to resume).
+3. :func:`train_rounds` takes optimiser steps on patches (the S-DRDIN grid, or windows
+   centred on cells) in *rounds*: an epoch, or the stretch of a time budget between two
+   validations (:class:`qpcell.schedule.Budget`); the learning rate follows progress.
+4. After each round the real post-processing runs on the validation images, its settings
+   are tuned (:mod:`qpcell.tuning`) and the best round's model is kept (validation detection
+   F1, ties: weighted classification F1; or ``select_on="combined"``).
+5. :func:`finish_run` tunes every post-processing setting for the kept model and writes the
+   model folder.
+
+A Ctrl-C saves a resumable state; ``resume=True`` continues from it. Nothing here prints:
+progress and notes go to a :class:`TrainCallbacks` object and a log file.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +34,7 @@ from qpcell import __version__
 from qpcell.checkpoint import classes_to_meta, postprocess_meta, save_model
 from qpcell.config import (
     PAPER_MPP,
+    SAMPLINGS,
     SELECT_ON,
     MaskConfig,
     MatchConfig,
@@ -38,9 +46,10 @@ from qpcell.config import (
 from qpcell.device import autocast_dtype
 from qpcell.distributed import barrier, broadcast, default_loader_settings, setup, shard, wrap
 from qpcell.errors import QpcellError
-from qpcell.inference import model_maps
 from qpcell.io.atomic import atomic_open
-from qpcell.points import AnnotatedImage, CellClass, Detections
+from qpcell.points import AnnotatedImage, CellClass
+from qpcell.schedule import LR_SCHEDULES, Budget, lr_at
+from qpcell.tuning import edge_notes, image_maps, tune_class_gain, tune_postprocess, validate
 
 RESUME = "resume.pt"
 LOG = "train_log.txt"
@@ -59,7 +68,8 @@ class TrainImage:
 
 @dataclass
 class EpochSummary:
-    """What one epoch achieved; ``best`` is True when it became the kept model."""
+    """What one round (an epoch, or a stretch of a time budget) achieved; ``best`` is True
+    when it became the kept model."""
 
     epoch: int
     loss: float
@@ -69,6 +79,8 @@ class EpochSummary:
     threshold: float
     seconds: float
     best: bool
+    steps: int = 0
+    lr: float = math.nan
 
 
 @dataclass
@@ -84,16 +96,27 @@ class TrainResult:
     val_images: list[str]
     n_patches: int
     seconds: float
+    mpp: float | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 class TrainCallbacks:
-    """Hooks for progress display; the CLI overrides them, library use ignores them."""
+    """Hooks for progress display; the CLI overrides them, library use ignores them.
 
-    def on_start(self, epochs: int, batches_per_epoch: int, start_epoch: int) -> None: ...
+    ``on_start`` gets the rounds and the batches of one round (for a time budget: the
+    budget's seconds in ``budget_s``); ``on_batch`` gets the share of the run done
+    (``progress``, 0-1) and the seconds left when that is known.
+    """
 
-    def on_batch(self, epoch: int, step: int, loss: float) -> None: ...
+    def on_start(self, epochs: int, batches_per_epoch: int, start_epoch: int,
+                 budget_s: float | None = None) -> None: ...
+
+    def on_batch(self, epoch: int, step: int, loss: float, progress: float | None = None,
+                 seconds_left: float | None = None) -> None: ...
 
     def on_epoch(self, summary: EpochSummary) -> None: ...
+
+    def on_note(self, text: str) -> None: ...
 
 
 class TrainingInterrupted(QpcellError):
@@ -149,172 +172,103 @@ def split_names(names: Sequence[str], val_fraction: float, seed: int,
     return [n for n in names if n not in set(val)], val
 
 
-# --------------------------------------------------------------------------- validation
-def image_maps(predict_maps: Callable, pixels: np.ndarray, tile: int = 1024
-               ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Maps of a whole (validation) image, in tiles of ``tile`` px with a 64 px halo."""
-    h, w = pixels.shape[:2]
-    if h <= tile and w <= tile:
-        det, cls = predict_maps(pixels[None])
-        return det[0], None if cls is None else cls[0]
-    halo = 64
-    det_full = np.zeros((h, w), np.float32)
-    cls_full = None
-    for y0 in range(0, h, tile):
-        for x0 in range(0, w, tile):
-            ya, xa = max(0, y0 - halo), max(0, x0 - halo)
-            yb, xb = min(h, y0 + tile + halo), min(w, x0 + tile + halo)
-            det, cls = predict_maps(pixels[None, ya:yb, xa:xb])
-            y1, x1 = min(h, y0 + tile), min(w, x0 + tile)
-            det_full[y0:y1, x0:x1] = det[0, y0 - ya:y1 - ya, x0 - xa:x1 - xa]
-            if cls is not None:
-                if cls_full is None:
-                    cls_full = np.zeros((cls.shape[1], h, w), np.float32)
-                cls_full[:, y0:y1, x0:x1] = cls[0, :, y0 - ya:y1 - ya, x0 - xa:x1 - xa]
-    return det_full, cls_full
+def estimate_source_mpp(images: Sequence[AnnotatedImage], model_mpp: float | None,
+                        fallback_mpp: float | None) -> tuple[float | None, dict | None]:
+    """The pixel size to assume for images that carry none (µm/px), and how it was found.
 
-
-THRESHOLDS = (0.05, *np.round(np.arange(0.1, 0.91, 0.1), 2).tolist())
-CLASS_BOX_FRACTIONS = (1.0, 1 / 2, 1 / 3, 1 / 5, 1 / 10)  # of the paper's 49 px box
-PEAK_WINDOW_FRACTIONS = (1.0, 3 / 4, 1 / 2, 1 / 3)  # of the paper's 15 px window
-#: Class gains tried for each class in turn (:func:`tune_class_gain`).
-GAINS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0)
-#: How much weighted classification F1 the class gains may give up for the rarer classes.
-GAIN_WEIGHTED_F1_SLACK = 0.01
-
-
-def tune_class_gain(dets: Sequence[Detections], truths: Sequence[TrainImage],
-                    classes: Sequence[CellClass], radius_px: float, *, rounds: int = 1
-                    ) -> tuple[tuple[float, ...], float]:
-    """Per-class gains (:attr:`PostprocessConfig.class_gain`) for ``dets`` (found with gain 1).
-
-    Coordinate ascent over :data:`GAINS`, class by class, for the mean class-aware F1 over
-    the classes (paper 003; a class never predicted scores 0 there), keeping weighted
-    classification F1 within :data:`GAIN_WEIGHTED_F1_SLACK` of the gain-1 value. Gains only
-    change classes, never which cells are found.
+    ``fallback_mpp`` (``--mpp``) when given; else, when the model works at a fixed µm/px and
+    some images carry no pixel size, the estimate of :func:`qpcell.scale.estimate_mpp` from
+    those images' annotated nuclei; else ``None`` (nothing to estimate).
 
     Returns
     -------
-    gains : one factor per class (all 1.0 when nothing helps); weighted_f1 : with them
+    mpp : µm/px or None; info : ``{"how", "value", "nucleus_radius_px", "images"}`` or None
     """
-    from qpcell.metrics import score_dataset
-    from qpcell.postprocess import apply_class_gain
+    from qpcell.io.slides import open_slide
+    from qpcell.scale import NUCLEUS_RADIUS_UM, estimate_mpp
 
-    names = [c.name for c in classes]
-    regions = [t.regions for t in truths]
-
-    def relabel(d: Detections, gain: tuple[float, ...]) -> Detections:
-        if not len(d):
-            return d
-        probs = apply_class_gain(d.class_probs, gain)
-        return replace(d, labels=np.argmax(probs, axis=1), class_probs=probs.astype(np.float32))
-
-    def score(gain: tuple[float, ...]) -> tuple[float, float]:
-        relabelled = [relabel(d, gain) for d in dets]
-        report = score_dataset(list(zip(relabelled, truths, strict=True)), names, radius_px,
-                               regions=regions)
-        aware = float(np.mean([c.total_f1 for c in report.class_aware]))
-        return aware, report.classification.weighted_f1
-
-    gain = (1.0,) * len(classes)
-    best_aware, best_weighted = score(gain)
-    floor = best_weighted - GAIN_WEIGHTED_F1_SLACK
-    for _ in range(rounds):
-        changed = False
-        for k in range(len(classes)):
-            for g in GAINS:
-                trial = (*gain[:k], g, *gain[k + 1:])
-                if trial == gain:
-                    continue
-                aware, weighted = score(trial)
-                if weighted >= floor and aware > best_aware + 1e-9:
-                    gain, best_aware, best_weighted, changed = trial, aware, weighted, True
-        if not changed:
-            break
-    return gain, best_weighted
+    if fallback_mpp is not None:
+        return fallback_mpp, {"how": "given", "value": float(fallback_mpp)}
+    if model_mpp is None:
+        return None, None
+    unknown = []
+    for ann in images:
+        if ann.image is None or ann.mpp is not None or not len(ann.xy):
+            continue
+        with open_slide(ann.image) as slide:
+            if slide.mpp is None:
+                unknown.append(ann)
+    if not unknown:
+        return None, None
+    native = [load_train_image(a, None) for a in unknown]
+    try:
+        mpp, radius = estimate_mpp([d.pixels for d in native], [d.xy for d in native])
+    except QpcellError:
+        return None, {"how": "native", "value": None, "images": len(unknown),
+                      "reason": "no nucleus-like blobs at the annotated points"}
+    return mpp, {"how": "estimated", "value": round(float(mpp), 4),
+                 "nucleus_radius_px": round(float(radius), 2),
+                 "nucleus_radius_um": NUCLEUS_RADIUS_UM, "images": len(unknown)}
 
 
-def tune_postprocess(maps: Sequence[tuple[np.ndarray, np.ndarray | None]],
-                     truths: Sequence[TrainImage], classes: Sequence[CellClass],
-                     base: PostprocessConfig, radius_px: float, kind: str = "sdrdin",
-                     ) -> tuple[dict, float, float]:
-    """Pick post-processing settings for validation detection F1 (ties: classification F1).
+def scale_note(info: dict | None, model_mpp: float | None) -> str | None:
+    """One line saying at which scale images without a pixel size are used."""
+    if info is None or info["how"] == "given":
+        return None
+    if info["how"] == "native":
+        return (f"{info['images']} image(s) carry no pixel size and their nuclei could not be "
+                f"measured ({info['reason']}): training at their native scale; pass --mpp")
+    return (f"{info['images']} image(s) carry no pixel size: their annotated nuclei measure "
+            f"{info['nucleus_radius_px']:.1f} px in radius, so they are taken as "
+            f"{info['value']:.3f} µm/px (a {info['nucleus_radius_um']:g} µm nucleus radius) and "
+            f"read at the model's {model_mpp:g} µm/px; pass --mpp if you know the pixel size")
 
-    For ``"sdrdin"`` the detection threshold and the small-component area (the paper's value
-    and smaller ones, since the area that survives a threshold depends on the disc radius) are
-    searched for detection F1, then the peak window (the paper's and smaller) and the threshold
-    again; then the class box (the paper's and smaller) for weighted classification F1, and
-    the class gains for the rarer classes (:func:`tune_class_gain`). For ``"peaks"``: the
-    class-map threshold and peak distance.
 
-    Returns
-    -------
-    settings : dict of the chosen values; f1 : detection F1; class_f1 : weighted class F1
-    """
-    from qpcell.metrics import score_dataset
-    from qpcell.postprocess import postprocess_peaks, postprocess_sdrdin
+@dataclass
+class PreparedData:
+    """Stage 1's result: the images at the model's scale, split, and what scale that is."""
 
-    names = [c.name for c in classes]
-    if kind == "peaks":
-        grid = [{"threshold": t, "min_distance_px": d}
-                for t in THRESHOLDS for d in (2.0, 3.0, 4.0)]
+    data: list[TrainImage]
+    train_set: list[TrainImage]
+    val_set: list[TrainImage]
+    split: tuple[list[str], list[str]]
+    model_mpp: float | None  # the scale the model really works at (None: native)
+    source_mpp: dict | None  # how images without a pixel size were scaled
+    notes: list[str]
+
+
+def prepare_data(images: Sequence[AnnotatedImage], *, model_mpp: float | None,
+                 fallback_mpp: float | None, train_cfg: TrainConfig,
+                 val_names: Sequence[str] | None,
+                 prepared: Sequence[TrainImage] | None = None,
+                 split: tuple[list[str], list[str]] | None = None) -> PreparedData:
+    """Stage 1: read and split the images (see the module docstring)."""
+    notes: list[str] = []
+    source = None
+    if prepared is None:
+        fallback_mpp, source = estimate_source_mpp(images, model_mpp, fallback_mpp)
+        if source is not None and source["how"] == "native":
+            model_mpp = None
+        note = scale_note(source, model_mpp)
+        if note:
+            notes.append(note)
+        data = [load_train_image(a, model_mpp, fallback_mpp) for a in images]
     else:
-        areas = sorted({base.min_area_px, base.min_area_px / 2, base.min_area_px / 5, 0.0})
-        grid = [{"threshold": t, "min_area_px": a} for t in THRESHOLDS for a in areas]
-
-    def run(setting: dict) -> list[Detections]:
-        if kind == "peaks":
-            return [postprocess_peaks(c, threshold=setting["threshold"],
-                                      min_distance_px=setting["min_distance_px"], classes=classes)
-                    for _, c in maps]
-        cfg = replace(base, **setting)
-        return [postprocess_sdrdin(d, c, cfg, classes) for d, c in maps]
-
-    def score(setting: dict) -> tuple[float, float]:
-        report = score_dataset(list(zip(run(setting), truths, strict=True)), names, radius_px,
-                               regions=[t.regions for t in truths])
-        return report.detection.f1, report.classification.weighted_f1
-
-    best_key, best = max(((score(s), s) for s in grid), key=lambda ks: ks[0])
-    if kind == "sdrdin":
-        # The paper's 15 px window suppresses all but one maximum where cells lie closer than
-        # about 7 px apart (dense tissue, or images at a finer scale than the model's): try
-        # smaller windows with the chosen threshold and area, then the thresholds again.
-        windows = sorted({max(3, round(base.peak_window_px * f) | 1)
-                          for f in PEAK_WINDOW_FRACTIONS}, reverse=True)
-        best_key, best = max(((score({**best, "peak_window_px": w}), {**best,
-                               "peak_window_px": w}) for w in windows), key=lambda ks: ks[0])
-        best_key, best = max(((score({**best, "threshold": t}), {**best, "threshold": t})
-                              for t in THRESHOLDS), key=lambda ks: ks[0])
-    if kind == "sdrdin" and len(classes) > 1:
-        # The class box does not move cells, only their classes: tune it for class F1 among
-        # the paper's 49 px and smaller boxes (a 49 px box averages over neighbours where
-        # cells are dense).
-        boxes = sorted({max(3, round(base.class_box_px * f) | 1) for f in CLASS_BOX_FRACTIONS})
-        (f1, cf1), box = max(((score({**best, "class_box_px": b}), b) for b in boxes),
-                             key=lambda kb: (kb[0][1], kb[1]))
-        best_key, best = (best_key[0], cf1), {**best, "class_box_px": box}
-        gain, cf1 = tune_class_gain(run(best), truths, classes, radius_px)
-        if any(g != 1.0 for g in gain):
-            best_key, best = (best_key[0], cf1), {**best, "class_gain": gain}
-    return best, best_key[0], best_key[1]
-
-
-# --------------------------------------------------------------------------- loop
-
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
-    """The learning rate of ``epoch`` (1-based): ``cfg.lr``, or for ``"cosine"`` a half cosine
-    from ``cfg.lr`` at epoch 1 towards 0 after the last epoch."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, cfg.epochs)))
-    raise QpcellError(f"unknown learning-rate schedule {cfg.lr_schedule!r}; choose from "
-                      f"{', '.join(LR_SCHEDULES)}")
+        data = list(prepared)
+    if not data:
+        raise QpcellError("no annotated images to train on")
+    if sum(len(d.xy) for d in data) == 0:
+        raise QpcellError("the training images hold no point annotations")
+    if split is None:
+        split = split_names([d.name for d in data], train_cfg.val_fraction, train_cfg.seed,
+                            val_names)
+    if len(data) == 1:
+        notes.append("only one image: it is used for training and for validation, so the "
+                     "validation scores are optimistic; annotate a second image to check")
+    by_name = {d.name: d for d in data}
+    return PreparedData(data, [by_name[n] for n in split[0] if n in by_name],
+                        [by_name[n] for n in split[1] if n in by_name], split, model_mpp,
+                        source, notes)
 
 
 EPOCHS_DIR = "epochs"
@@ -350,16 +304,378 @@ def epoch_dir(out: str | Path, epoch: int) -> Path:
     return Path(out) / EPOCHS_DIR / f"epoch-{epoch:03d}"
 
 
-def _state(model, optimizer, epoch: int, best: dict, history: list[EpochSummary],
-           split: tuple[list[str], list[str]]) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "best": json.dumps(best), "history": json.dumps([h.__dict__ for h in history]),
-            "split": json.dumps(split), "torch_rng": torch.get_rng_state()}
+# --------------------------------------------------------------------------- the run
+def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (1-based) in an epoch-counted run: ``cfg.lr``, or for
+    ``"cosine"`` a half cosine from ``cfg.lr`` at epoch 1 towards 0 after the last epoch."""
+    return lr_at((epoch - 1) / max(1, cfg.epochs), cfg.lr, cfg.lr_schedule, cfg.warmup)
+
+
+@dataclass
+class Run:
+    """Stage 2's result and the state stages 3-5 share: one training run in progress."""
+
+    model: torch.nn.Module
+    ddp: torch.nn.Module  # the model as the forward pass sees it (DDP under torchrun)
+    optimizer: torch.optim.Optimizer
+    ctx: object  # qpcell.distributed.Context
+    device: torch.device
+    amp: torch.dtype | None
+    layout: torch.memory_format
+    kind: str  # post-processing: "sdrdin" or "peaks"
+    classifies: bool
+    target_fn: object
+    post: PostprocessConfig  # at the model's µm/px
+    match_r: float
+    radius: float  # label disc radius at the model's µm/px
+    rng: np.random.Generator
+    history: list[EpochSummary] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {
+        "key": [-math.inf, -math.inf], "f1": -1.0, "class_f1": -1.0, "epoch": 0,
+        "setting": {}})
+    best_state: dict | None = None  # the kept round's weights (CPU copies)
+    scaler: object = None  # torch.amp.GradScaler for float16 autocast (older CUDA GPUs)
+    start_epoch: int = 1
+    elapsed: float = 0.0  # seconds of a time budget already spent (resume)
+    n_patches: int = 0
+
+
+def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, model_name: str,
+              model_kwargs: dict | None, train_cfg: TrainConfig, mask_cfg: MaskConfig,
+              post_cfg: PostprocessConfig, match_radius_px: float | None, device,
+              resume: bool) -> Run:
+    """Stage 2: model, optimiser, targets and scales (restored from ``resume.pt`` if asked)."""
+    from qpcell.masks import sdrdin_targets
+    from qpcell.models import create_model
+
+    ctx = setup(device)  # under torchrun: join the process group (GPU = LOCAL_RANK)
+    loading = default_loader_settings(ctx.device)
+    if ctx.distributed:  # torchrun sets OMP_NUM_THREADS=1: share the cores among the ranks
+        torch.set_num_threads(loading.torch_threads)
+    torch.manual_seed(train_cfg.seed)
+    model_mpp = prep.model_mpp
+    work_mpp = model_mpp or PAPER_MPP
+    scale = PAPER_MPP / work_mpp if model_mpp else 1.0
+    radius = mask_cfg.disc_radius_px * (mask_cfg.mpp / work_mpp if model_mpp else 1.0)
+    post = post_cfg.scaled(work_mpp) if model_mpp else post_cfg
+    match_r = match_radius_px or MatchConfig().radius_px * scale
+
+    model = create_model(model_name, len(classes), **(model_kwargs or {})).to(ctx.device)
+    amp = autocast_dtype(ctx.device, train_cfg.precision)
+    # An unknown schedule, sampling or model selection fails now, not after the first round.
+    lr_at(0.0, train_cfg.lr, train_cfg.lr_schedule, train_cfg.warmup)
+    selection_key(0.0, 0.0, train_cfg.select_on)
+    layout = torch.channels_last if amp is not None else torch.contiguous_format
+    model.to(memory_format=layout)
+    make_targets = getattr(model, "target_fn", None)
+    n = len(classes)
+    target_fn = make_targets(radius) if make_targets else (
+        lambda xy, lab, shape: sdrdin_targets(xy, lab, n, shape, radius))
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr,
+                                 weight_decay=train_cfg.weight_decay)
+    run = Run(model, model, optimizer, ctx, ctx.device, amp, layout,
+              getattr(model, "postprocess_kind", "sdrdin"), bool(getattr(model, "has_cls", True)),
+              target_fn, post, match_r, radius, np.random.default_rng(train_cfg.seed))
+    if amp == torch.float16:
+        run.scaler = torch.amp.GradScaler("cuda")
+    if resume:
+        restore(run, read_state(out), train_cfg)
+    run.ddp = wrap(model, ctx)  # the forward pass goes through DDP; everything else: `model`
+    return run
+
+
+def read_state(out: Path) -> dict:
+    """The resumable state in ``out`` (a one-line error when there is none or it is broken)."""
+    path = out / RESUME
+    if not path.exists():
+        raise QpcellError("nothing to resume (no resume.pt)", out)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise QpcellError(f"cannot read resume state ({err})", path) from None
+
+
+def restore(run: Run, state: dict, train_cfg: TrainConfig) -> None:
+    """Put ``run`` back where the saved ``state`` left it."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    best = json.loads(state["best"])
+    best.setdefault("f1", best["key"][0])  # resume states before selection was a choice
+    best.setdefault("class_f1", best["key"][1])
+    best["key"] = list(selection_key(best["f1"], best["class_f1"], train_cfg.select_on,
+                                     run.classifies))
+    run.best = best
+    run.history = [EpochSummary(**h) for h in json.loads(state["history"])]
+    run.start_epoch = int(state["epoch"]) + 1
+    run.elapsed = float(state.get("elapsed", 0.0))
+    run.rng = np.random.default_rng([train_cfg.seed, run.start_epoch])
+    if "best_model" in state:
+        run.best_state = state["best_model"]
+
+
+def _state(run: Run, epoch: int, split: tuple[list[str], list[str]], elapsed: float) -> dict:
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "epoch": epoch, "best": json.dumps(run.best),
+             "history": json.dumps([h.__dict__ for h in run.history]),
+             "split": json.dumps(split), "torch_rng": torch.get_rng_state(),
+             "elapsed": elapsed}
+    if run.best_state is not None:
+        state["best_model"] = run.best_state
+    return state
 
 
 def _write_state(path: Path, state: dict) -> None:
     with atomic_open(path, "wb") as handle:
         torch.save(state, handle)
+
+
+def round_windows(run: Run, train_set: Sequence[TrainImage], patch_cfg: PatchConfig,
+                  n_classes: int, n: int | None = None) -> np.ndarray:
+    """The windows of one round: the S-DRDIN grid (plus rare-class repeats), or ``n`` (default:
+    as many as the grid has) windows centred near cells (:func:`qpcell.patches.cell_windows`)."""
+    from qpcell.patches import cell_windows, rare_class_windows, sample_windows
+
+    if patch_cfg.sampling not in SAMPLINGS:
+        raise QpcellError(f"unknown patch sampling {patch_cfg.sampling!r}; choose from "
+                          f"{', '.join(SAMPLINGS)}")
+    points = [(d.xy, d.labels) for d in train_set]
+    if patch_cfg.sampling == "cells" and n is not None:
+        return cell_windows([d.pixels.shape[:2] for d in train_set], points, n,
+                            size=patch_cfg.size, background_share=patch_cfg.background_fraction,
+                            class_balance=patch_cfg.class_balance, rng=run.rng)
+    wins = []
+    for i, d in enumerate(train_set):
+        xy0 = sample_windows(d.pixels.shape[:2], d.xy, size=patch_cfg.size,
+                             stride=patch_cfg.stride, regions=d.regions,
+                             background_fraction=patch_cfg.background_fraction, rng=run.rng)
+        wins.extend((i, int(x), int(y)) for x, y in xy0)
+    wins = rare_class_windows(wins, points, n_classes, patch_cfg.size,
+                              share=patch_cfg.rare_share, repeats=patch_cfg.rare_repeats)
+    if patch_cfg.sampling == "cells":
+        return round_windows(run, train_set, patch_cfg, n_classes, max(1, len(wins)))
+    return np.asarray(wins, dtype=np.int64).reshape(-1, 3)
+
+
+def _loader(run: Run, train_set, windows, patch_cfg: PatchConfig, train_cfg: TrainConfig,
+            extra) -> DataLoader:
+    from functools import partial
+
+    from qpcell.augment import stain_jitter
+    from qpcell.patches import PatchDataset
+
+    loading = default_loader_settings(run.device)
+    colour = (partial(stain_jitter, strength=patch_cfg.colour_jitter)
+              if patch_cfg.colour_jitter > 0 else None)
+    dataset = PatchDataset([d.pixels for d in train_set], [(d.xy, d.labels) for d in train_set],
+                           shard(windows, run.ctx), size=patch_cfg.size,
+                           target_fn=run.target_fn, extra_maps=extra[0], extra_key=extra[1],
+                           flips=patch_cfg.flips, rotate90=patch_cfg.rotate90, colour=colour,
+                           seed=int(run.rng.integers(2**31)) + run.ctx.rank)
+    generator = torch.Generator().manual_seed(int(run.rng.integers(2**31)))
+    return DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True,
+                      generator=generator, drop_last=False,
+                      num_workers=loading.num_workers if train_cfg.num_workers is None
+                      else train_cfg.num_workers, pin_memory=loading.pin_memory)
+
+
+def train_step(run: Run, x: torch.Tensor, targets: dict, lr: float, epoch: int
+               ) -> tuple[float, dict]:
+    """One optimiser step at learning rate ``lr``; returns the loss and its parts."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    x = x.to(run.device, non_blocking=True).contiguous(memory_format=run.layout)
+    targets = {k: v.to(run.device, non_blocking=True) for k, v in targets.items()}
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(run.device.type, dtype=run.amp or torch.float32,
+                        enabled=run.amp is not None):
+        output = run.ddp(x)
+    loss, parts = run.model.loss({k: v.float() for k, v in output.items()}, targets)
+    if not torch.isfinite(loss):
+        raise QpcellError(f"training diverged at epoch {epoch} (loss {loss.item()})")
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.optimizer.step()
+    run.n_patches += len(x)
+    return loss.item(), parts
+
+
+def keep_if_best(run: Run, epoch: int, setting: dict, f1: float, cf1: float,
+                 select_on: str) -> bool:
+    """Step 4: keep this round's weights when they are the best so far."""
+    key = selection_key(f1, cf1, select_on, run.classifies)
+    if key <= tuple(run.best["key"]):
+        return False
+    run.best = {"key": list(key), "f1": f1, "class_f1": cf1, "epoch": epoch, "setting": setting}
+    run.best_state = {k: v.detach().to("cpu", copy=True)
+                      for k, v in run.model.state_dict().items()}
+    return True
+
+
+def model_meta(run: Run, prep: PreparedData, classes, setting: dict, epoch: int, f1: float,
+               cf1: float, *, train_cfg: TrainConfig, mask_cfg: MaskConfig,
+               patch_cfg: PatchConfig, extra_meta: dict | None) -> dict:
+    """``config.json`` entries of the model kept at ``epoch`` with post-processing ``setting``."""
+    return {
+        "classes": classes_to_meta(classes),
+        "mpp": prep.model_mpp,
+        "mask": {**to_dict(mask_cfg), "disc_radius_px_at_model_mpp": run.radius},
+        "postprocess_kind": run.kind,
+        "postprocess": postprocess_meta(replace(run.post, **setting))
+        if run.kind == "sdrdin" else postprocess_meta(run.post),
+        "peaks": setting if run.kind == "peaks" else None,
+        "training": {
+            "epoch": epoch, "epochs": train_cfg.epochs, "val_f1": f1, "val_class_f1": cf1,
+            "match_radius_px": run.match_r, "train_images": prep.split[0],
+            "val_images": prep.split[1],
+            "n_train_points": int(sum(len(d.xy) for d in prep.train_set)),
+            "source_mpp": prep.source_mpp,
+            "config": to_dict(train_cfg), "patch": to_dict(patch_cfg),
+            "qpcell_version": __version__,
+        },
+        **(extra_meta or {}),
+    }
+
+
+def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: TrainConfig,
+                 patch_cfg: PatchConfig, mask_cfg: MaskConfig, callbacks: TrainCallbacks,
+                 max_steps_per_epoch: int | None, extra: tuple, extra_meta: dict | None
+                 ) -> None:
+    """Stages 3 and 4: rounds of steps, each followed by validation and keeping the best."""
+    budget = None
+    if train_cfg.time_budget_s is not None:
+        budget = Budget(train_cfg.time_budget_s, val_share=train_cfg.val_share)
+        budget.start(time.perf_counter() - run.elapsed)
+    windows = round_windows(run, prep.train_set, patch_cfg, len(classes))
+    if not len(windows):
+        raise QpcellError("no training patches: are the points inside the annotated regions?")
+    per_round = len(windows)
+    batches = math.ceil(len(shard(windows, run.ctx)) / train_cfg.batch_size)
+    if max_steps_per_epoch:
+        batches = min(batches, max_steps_per_epoch)
+    callbacks.on_start(train_cfg.epochs, batches, run.start_epoch,
+                       budget_s=train_cfg.time_budget_s)
+    log_path = out / LOG
+    epoch = run.start_epoch - 1
+    last_done = epoch
+    try:
+        while True:
+            epoch += 1
+            if budget is None and epoch > train_cfg.epochs:
+                break
+            if budget is not None and budget.done(time.perf_counter()):
+                break
+            t0 = time.perf_counter()
+            if epoch > run.start_epoch:
+                windows = round_windows(run, prep.train_set, patch_cfg, len(classes),
+                                        per_round)
+            loader = _loader(run, prep.train_set, windows, patch_cfg, train_cfg, extra)
+            run.model.train()
+            total, parts_sum, steps, lr = 0.0, {}, 0, train_cfg.lr
+            stop_round = False
+            while not stop_round:
+                for step, (x, targets) in enumerate(loader, steps + 1):
+                    now = time.perf_counter()
+                    if budget is not None:
+                        progress = budget.progress(now)
+                        left = budget.left(now)
+                    else:
+                        progress = ((epoch - 1) + (step - 1) / batches) / train_cfg.epochs
+                        left = None
+                    lr = lr_at(progress, train_cfg.lr, train_cfg.lr_schedule, train_cfg.warmup)
+                    value, parts = train_step(run, x, targets, lr, epoch)
+                    total += value
+                    steps += 1
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                    callbacks.on_batch(epoch, step, value, progress, left)
+                    now = time.perf_counter()
+                    if budget is None:
+                        if max_steps_per_epoch and step >= max_steps_per_epoch:
+                            break
+                    elif budget.done(now) or budget.should_validate(now):
+                        break
+                else:  # the loader ran dry: an epoch ends, a budget round draws more windows
+                    if budget is not None:
+                        windows = round_windows(run, prep.train_set, patch_cfg, len(classes),
+                                                per_round)
+                        loader = _loader(run, prep.train_set, windows, patch_cfg, train_cfg,
+                                         extra)
+                        continue
+                stop_round = True
+            last_done = epoch - 1
+            t_val = time.perf_counter()
+            setting, f1, cf1 = broadcast(
+                validate(run.model, prep.val_set, classes, run.post, run.match_r, run.kind,
+                         run.device, quick=budget is not None)
+                if run.ctx.is_main else None, run.ctx)  # rank 0 validates; the others wait
+            if budget is not None:
+                budget.validated(time.perf_counter(), time.perf_counter() - t_val)
+            is_best = keep_if_best(run, epoch, setting, f1, cf1, train_cfg.select_on)
+            if run.ctx.is_main and train_cfg.keep_epochs:
+                save_model(epoch_dir(out, epoch), _kept(run.model),
+                           model_meta(run, prep, classes, setting, epoch, f1, cf1,
+                                      train_cfg=train_cfg, mask_cfg=mask_cfg,
+                                      patch_cfg=patch_cfg, extra_meta=extra_meta))
+            summary = EpochSummary(epoch, total / max(steps, 1),
+                                   {k: v / max(steps, 1) for k, v in parts_sum.items()},
+                                   f1, cf1, float(setting.get("threshold", math.nan)),
+                                   time.perf_counter() - t0, is_best, steps, lr)
+            run.history.append(summary)
+            elapsed = time.perf_counter() - budget.t0 if budget is not None else 0.0
+            if run.ctx.is_main:  # rank 0 alone writes the log and the resume state
+                with open(log_path, "a", encoding="utf-8") as log:
+                    log.write(f"epoch {epoch} steps {steps} lr {lr:.2e} "
+                              f"loss {summary.loss:.5f} val_f1 {f1:.4f} "
+                              f"val_class_f1 {cf1:.4f} threshold {summary.threshold:.2f} "
+                              f"seconds {summary.seconds:.1f}{' best' if is_best else ''}\n")
+                _write_state(out / RESUME, _state(run, epoch, prep.split, elapsed))
+            last_done = epoch
+            callbacks.on_epoch(summary)
+    except KeyboardInterrupt:
+        if run.ctx.is_main:
+            elapsed = time.perf_counter() - budget.t0 if budget is not None else 0.0
+            _write_state(out / RESUME, _state(run, last_done, prep.split, elapsed))
+        if run.best_state is not None and run.ctx.is_main:  # keep the best round as it is
+            finish_run(run, prep, classes, out, train_cfg=train_cfg, mask_cfg=mask_cfg,
+                       patch_cfg=patch_cfg, extra_meta=extra_meta, callbacks=callbacks,
+                       retune=False)
+        raise TrainingInterrupted(
+            f"interrupted after round {last_done}; the best model so far is kept; "
+            "continue with --resume", out) from None
+
+
+def _kept(model: torch.nn.Module) -> torch.nn.Module:
+    # A model with training-only parts (MTL-IHC's auxiliary decoders) saves what inference uses.
+    return model.export() if hasattr(model, "export") else model
+
+
+def finish_run(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: TrainConfig,
+               mask_cfg: MaskConfig, patch_cfg: PatchConfig, extra_meta: dict | None,
+               callbacks: TrainCallbacks, retune: bool = True) -> None:
+    """Stage 5: tune every post-processing setting for the kept weights and write the model.
+
+    Rounds of a time budget tuned the threshold only: the whole search runs now (unless
+    ``retune`` is False, as after Ctrl-C, when the round's settings are kept as they are)."""
+    if run.best_state is None:
+        raise QpcellError("training ended before any round was validated")
+    run.model.load_state_dict(run.best_state)
+    best = run.best
+    setting, f1, cf1 = best["setting"], best["f1"], best["class_f1"]
+    if retune and train_cfg.time_budget_s is not None:
+        setting, f1, cf1 = validate(run.model, prep.val_set, classes, run.post, run.match_r,
+                                    run.kind, run.device)
+        run.best.update(setting=setting, f1=f1, class_f1=cf1)
+    for note in edge_notes(setting, run.post):
+        callbacks.on_note(note)
+    save_model(out, _kept(run.model),
+               model_meta(run, prep, classes, setting, int(best["epoch"]), f1, cf1,
+                          train_cfg=train_cfg, mask_cfg=mask_cfg, patch_cfg=patch_cfg,
+                          extra_meta=extra_meta))
 
 
 def train(
@@ -400,9 +716,14 @@ def train(
         Registry name and constructor options (``base`` width, ...).
     model_mpp
         µm/px the model works at (S-DRDIN: 0.44); ``None`` trains at the images' native scale.
-        Every pixel constant (disc radius, post-processing windows) is scaled to it.
+        Every pixel constant (disc radius, post-processing windows) is scaled to it. Images
+        without a pixel size are scaled by the size of their nuclei (:mod:`qpcell.scale`)
+        unless ``fallback_mpp`` is given.
     fallback_mpp
         Source pixel size for images that carry none (``--mpp``).
+    train_cfg, mask_cfg, patch_cfg, post_cfg
+        Settings (defaults: the paper's; :func:`qpcell.recipe.recipe` gives the fast ones).
+        ``train_cfg.time_budget_s`` trains for that many seconds instead of ``epochs``.
     match_radius_px
         Validation matching radius at the model's scale; default S-DRDIN's 10 px at 0.44 µm/px.
     max_steps_per_epoch
@@ -415,225 +736,40 @@ def train(
     extra_meta
         More entries for the model folder's ``config.json``.
     """
-    from qpcell.masks import sdrdin_targets
-    from qpcell.models import create_model
-    from qpcell.patches import PatchDataset, rare_class_windows, sample_windows
-
     t_start = time.perf_counter()
     callbacks = callbacks or TrainCallbacks()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = tuple(classes)
-    ctx = setup(device)  # under torchrun: join the process group (GPU = LOCAL_RANK)
-    device = ctx.device
-    loading = default_loader_settings(device)
-    if ctx.distributed:  # torchrun sets OMP_NUM_THREADS=1: share the cores among the ranks
-        torch.set_num_threads(loading.torch_threads)
-    torch.manual_seed(train_cfg.seed)
-
-    data = list(prepared) if prepared is not None else [
-        load_train_image(a, model_mpp, fallback_mpp) for a in images]
-    if not data:
-        raise QpcellError("no annotated images to train on")
-    if sum(len(d.xy) for d in data) == 0:
-        raise QpcellError("the training images hold no point annotations")
-    work_mpp = model_mpp or PAPER_MPP
-    scale = PAPER_MPP / work_mpp if model_mpp else 1.0
-    radius = mask_cfg.disc_radius_px * (mask_cfg.mpp / work_mpp if model_mpp else 1.0)
-    post = post_cfg.scaled(work_mpp) if model_mpp else post_cfg
-    match_r = match_radius_px or MatchConfig().radius_px * scale
-
-    split = split_names([d.name for d in data], train_cfg.val_fraction, train_cfg.seed, val_names)
-    state = None
-    if resume:
-        path = out / RESUME
-        if not path.exists():
-            raise QpcellError("nothing to resume (no resume.pt)", out)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-            raise QpcellError(f"cannot read resume state ({err})", path) from None
-        split = tuple(json.loads(state["split"]))
-    by_name = {d.name: d for d in data}
-    train_set = [by_name[n] for n in split[0] if n in by_name]
-    val_set = [by_name[n] for n in split[1] if n in by_name]
-
-    model = create_model(model_name, len(classes), **(model_kwargs or {})).to(device)
-    amp = autocast_dtype(device, train_cfg.precision)
-    # An unknown schedule or model selection fails now, not after the first epoch.
-    epoch_lr(train_cfg, 1)
-    selection_key(0.0, 0.0, train_cfg.select_on)
-    layout = torch.channels_last if amp is not None else torch.contiguous_format
-    model.to(memory_format=layout)
-    kind = getattr(model, "postprocess_kind", "sdrdin")
-    classifies = bool(getattr(model, "has_cls", True))
-    make_targets = getattr(model, "target_fn", None)
-    target_fn = make_targets(radius) if make_targets else (
-        lambda xy, lab, shape: sdrdin_targets(xy, lab, len(classes), shape, radius))
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr,
-                                 weight_decay=train_cfg.weight_decay)
-    rng = np.random.default_rng(train_cfg.seed)
-    history: list[EpochSummary] = []
-    best = {"key": [-math.inf, -math.inf], "f1": -1.0, "class_f1": -1.0, "epoch": 0,
-            "setting": {}}
-    start_epoch = 1
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        best = json.loads(state["best"])
-        best.setdefault("f1", best["key"][0])  # resume states before selection was a choice
-        best.setdefault("class_f1", best["key"][1])
-        best["key"] = list(selection_key(best["f1"], best["class_f1"], train_cfg.select_on,
-                                         classifies))
-        history = [EpochSummary(**h) for h in json.loads(state["history"])]
-        start_epoch = int(state["epoch"]) + 1
-        rng = np.random.default_rng([train_cfg.seed, start_epoch])
-    ddp = wrap(model, ctx)  # the forward pass goes through DDP; everything else uses `model`
-
-    def windows_for_epoch() -> list[tuple[int, int, int]]:
-        wins = []
-        for i, d in enumerate(train_set):
-            xy0 = sample_windows(d.pixels.shape[:2], d.xy, size=patch_cfg.size,
-                                 stride=patch_cfg.stride, regions=d.regions,
-                                 background_fraction=patch_cfg.background_fraction, rng=rng)
-            wins.extend((i, int(x), int(y)) for x, y in xy0)
-        return rare_class_windows(wins, [(d.xy, d.labels) for d in train_set], len(classes),
-                                  patch_cfg.size, share=patch_cfg.rare_share,
-                                  repeats=patch_cfg.rare_repeats)
-
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    log_path = out / LOG
-    n_patches = 0
-    last_epoch = start_epoch - 1
-    try:
-        windows = windows_for_epoch()
-        if not windows:
-            raise QpcellError("no training patches: are the points inside the annotated regions?")
-        batches = math.ceil(len(shard(windows, ctx)) / train_cfg.batch_size)
-        if max_steps_per_epoch:
-            batches = min(batches, max_steps_per_epoch)
-        callbacks.on_start(train_cfg.epochs, batches, start_epoch)
-        for epoch in range(start_epoch, train_cfg.epochs + 1):
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = epoch_lr(train_cfg, epoch)
-            if epoch > start_epoch:
-                windows = windows_for_epoch()
-            dataset = PatchDataset([d.pixels for d in train_set],
-                                   [(d.xy, d.labels) for d in train_set],
-                                   shard(windows, ctx),
-                                   size=patch_cfg.size, target_fn=target_fn,
-                                   extra_maps=None if extra_maps is None else
-                                   [extra_maps[d.name] for d in train_set],
-                                   extra_key=extra_key, flips=patch_cfg.flips,
-                                   rotate90=patch_cfg.rotate90,
-                                   seed=int(rng.integers(2**31)) + ctx.rank)
-            generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-            loader = DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True,
-                                generator=generator, drop_last=False,
-                                num_workers=loading.num_workers if train_cfg.num_workers is None
-                                else train_cfg.num_workers, pin_memory=loading.pin_memory)
-            model.train()
-            total, parts_sum, steps = 0.0, {}, 0
-            for step, (x, targets) in enumerate(loader, 1):
-                if max_steps_per_epoch and step > max_steps_per_epoch:
-                    break
-                x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
-                targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=amp or torch.float32,
-                                    enabled=amp is not None):
-                    output = ddp(x)
-                loss, parts = model.loss({k: v.float() for k, v in output.items()}, targets)
-                if not torch.isfinite(loss):
-                    raise QpcellError(f"training diverged at epoch {epoch} (loss {loss.item()})")
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                value = loss.item()
-                total += value
-                steps += 1
-                n_patches += len(x)
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-                callbacks.on_batch(epoch, step, value)
-            last_epoch = epoch - 1
-            setting, f1, cf1 = broadcast(
-                validate(model, val_set, classes, post, match_r, kind, device)
-                if ctx.is_main else None, ctx)  # rank 0 validates; the others wait for it
-            key = selection_key(f1, cf1, train_cfg.select_on, classifies)
-            is_best = key > tuple(best["key"])
-            if is_best:
-                best = {"key": list(key), "f1": f1, "class_f1": cf1, "epoch": epoch,
-                        "setting": setting}
-            if ctx.is_main and (is_best or train_cfg.keep_epochs):
-                meta = {
-                    "classes": classes_to_meta(classes),
-                    "mpp": model_mpp,
-                    "mask": {**to_dict(mask_cfg), "disc_radius_px_at_model_mpp": radius},
-                    "postprocess_kind": kind,
-                    "postprocess": postprocess_meta(replace(post, **setting))
-                    if kind == "sdrdin" else postprocess_meta(post),
-                    "peaks": setting if kind == "peaks" else None,
-                    "training": {
-                        "epoch": epoch, "epochs": train_cfg.epochs, "val_f1": f1,
-                        "val_class_f1": cf1, "match_radius_px": match_r,
-                        "train_images": split[0], "val_images": split[1],
-                        "n_train_points": int(sum(len(d.xy) for d in train_set)),
-                        "config": to_dict(train_cfg), "patch": to_dict(patch_cfg),
-                        "qpcell_version": __version__,
-                    },
-                    **(extra_meta or {}),
-                }
-                # A model with training-only parts (MTL-IHC's auxiliary decoders) saves only
-                # what inference uses.
-                kept = model.export() if hasattr(model, "export") else model
-                if is_best:
-                    save_model(out, kept, meta)
-                if train_cfg.keep_epochs:
-                    save_model(epoch_dir(out, epoch), kept, meta)
-            summary = EpochSummary(epoch, total / max(steps, 1),
-                                   {k: v / max(steps, 1) for k, v in parts_sum.items()},
-                                   f1, cf1, float(setting.get("threshold", math.nan)),
-                                   time.perf_counter() - t0, is_best)
-            history.append(summary)
-            if ctx.is_main:  # rank 0 alone writes the log and the resume state
-                with open(log_path, "a", encoding="utf-8") as log:
-                    log.write(f"epoch {epoch} loss {summary.loss:.5f} val_f1 {f1:.4f} "
-                              f"val_class_f1 {cf1:.4f} threshold {summary.threshold:.2f} "
-                              f"seconds {summary.seconds:.1f}{' best' if is_best else ''}\n")
-                _write_state(out / RESUME, _state(model, optimizer, epoch, best, history, split))
-            last_epoch = epoch
-            callbacks.on_epoch(summary)
-    except KeyboardInterrupt:
-        if ctx.is_main:
-            _write_state(out / RESUME, _state(model, optimizer, last_epoch, best, history,
-                                              split))
-        raise TrainingInterrupted(
-            f"interrupted after epoch {last_epoch}; continue with --resume", out) from None
-    barrier(ctx)  # the model folder is complete before any rank returns
-    return TrainResult(out, history, int(best["epoch"]), float(best["f1"]),
-                       float(best["class_f1"]), split[0], split[1], n_patches,
-                       time.perf_counter() - t_start)
-
-
-def validate(model: torch.nn.Module, val_set: Sequence[TrainImage], classes, post, radius_px,
-             kind: str, device: torch.device) -> tuple[dict, float, float]:
-    """Tuned post-processing settings and validation scores of ``model``."""
-    model.eval()
-
-    def predict_maps(tiles: np.ndarray):
-        return model_maps(model, tiles, device)
-
-    maps = [image_maps(predict_maps, d.pixels) for d in val_set]
-    return tune_postprocess(maps, val_set, classes, post, radius_px, kind)
+    if train_cfg.lr_schedule not in LR_SCHEDULES:
+        lr_at(0.0, train_cfg.lr, train_cfg.lr_schedule)  # raises the one-line error
+    saved_split = tuple(json.loads(read_state(out)["split"])) if resume else None
+    prep = prepare_data(images, model_mpp=model_mpp, fallback_mpp=fallback_mpp,
+                        train_cfg=train_cfg, val_names=val_names, prepared=prepared,
+                        split=saved_split)
+    for note in prep.notes:
+        callbacks.on_note(note)
+    run = build_run(prep, classes, out, model_name=model_name, model_kwargs=model_kwargs,
+                    train_cfg=train_cfg, mask_cfg=mask_cfg, post_cfg=post_cfg,
+                    match_radius_px=match_radius_px, device=device, resume=resume)
+    extra = (None if extra_maps is None else [extra_maps[d.name] for d in prep.train_set],
+             extra_key)
+    train_rounds(run, prep, classes, out, train_cfg=train_cfg, patch_cfg=patch_cfg,
+                 mask_cfg=mask_cfg, callbacks=callbacks, max_steps_per_epoch=max_steps_per_epoch,
+                 extra=extra, extra_meta=extra_meta)
+    if run.ctx.is_main:
+        finish_run(run, prep, classes, out, train_cfg=train_cfg, mask_cfg=mask_cfg,
+                   patch_cfg=patch_cfg, extra_meta=extra_meta, callbacks=callbacks)
+    barrier(run.ctx)  # the model folder is complete before any rank returns
+    return TrainResult(out, run.history, int(run.best["epoch"]), float(run.best["f1"]),
+                       float(run.best["class_f1"]), prep.split[0], prep.split[1],
+                       run.n_patches, time.perf_counter() - t_start, prep.model_mpp,
+                       list(prep.notes))
 
 
 __all__ = ["TrainImage", "EpochSummary", "TrainResult", "TrainCallbacks", "TrainingInterrupted",
-           "load_train_image", "split_names", "tune_postprocess", "train", "validate",
-           "SELECT_ON", "selection_key", "pick_epoch", "epoch_dir"]
+           "PreparedData", "Run", "load_train_image", "split_names", "estimate_source_mpp",
+           "prepare_data", "build_run", "train_rounds", "finish_run", "train", "epoch_lr",
+           "SELECT_ON", "selection_key", "pick_epoch", "epoch_dir",
+           # validation lives in qpcell.tuning; these names stay importable from here
+           "image_maps", "tune_class_gain", "tune_postprocess", "validate"]

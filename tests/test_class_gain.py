@@ -80,3 +80,18 @@ def test_windows_with_a_rare_cell_are_drawn_again():
     assert got == windows + [(0, 100, 100)] * 2
     assert rare_class_windows(windows, points, 2, 64, share=0.02, repeats=2) == windows
     assert rare_class_windows(windows, points, 2, 64, share=0.05, repeats=0) == windows
+
+
+def test_tuned_values_on_the_edge_of_their_grid_are_reported():
+    from qpcell.config import PostprocessConfig
+    from qpcell.tuning import PEAK_WINDOW_FRACTIONS, THRESHOLDS, edge_notes
+
+    base = PostprocessConfig()
+    assert edge_notes({"threshold": 0.5, "peak_window_px": 15}, base) == []
+    (low,) = edge_notes({"threshold": min(THRESHOLDS)}, base)
+    assert "lowest" in low and "not confident" in low
+    (high,) = edge_notes({"threshold": max(THRESHOLDS)}, base)
+    assert "highest" in high
+    widest = max(round(base.peak_window_px * f) | 1 for f in PEAK_WINDOW_FRACTIONS)
+    (window,) = edge_notes({"threshold": 0.5, "peak_window_px": widest}, base)
+    assert "largest" in window and "pixel size" in window

@@ -186,3 +186,54 @@ def test_worker_processes_give_the_same_batches():
     parallel = list(DataLoader(ds, batch_size=4, num_workers=2))
     for (xa, ta), (xb, tb) in zip(serial, parallel, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ta["cls"], tb["cls"])
+
+
+def test_cell_windows_hold_a_cell_in_their_middle_half():
+    from qpcell.patches import cell_windows
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 300, (200, 2))
+    labels = rng.integers(0, 2, 200)
+    wins = cell_windows([(300, 300)], [(xy, labels)], 500, size=64, background_share=0.0,
+                        rng=1)
+    assert wins.shape == (500, 3) and (wins[:, 0] == 0).all()
+    assert (wins[:, 1:] >= 0).all() and (wins[:, 1:] <= 300 - 64).all()
+    inside = count_points_in_windows(xy, wins[:, 1], wins[:, 2], 64)
+    assert (inside >= 1).all()
+
+
+def test_cell_windows_draw_rare_classes_more_with_balance_and_some_background():
+    from qpcell.patches import cell_windows
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(20, 980, (1000, 2))
+    labels = np.where(np.arange(1000) < 20, 1, 0)  # 2% of class 1
+    rare = xy[labels == 1]
+
+    def rare_share(balance: float) -> float:
+        wins = cell_windows([(1000, 1000)], [(xy, labels)], 4000, size=32,
+                            background_share=0.0, class_balance=balance, rng=2)
+        return float(np.mean(count_points_in_windows(rare, wins[:, 1], wins[:, 2], 32) > 0))
+
+    assert rare_share(1.0) > 3 * rare_share(0.0)
+    wins = cell_windows([(1000, 1000), (10, 10)], [(xy, labels), (np.zeros((0, 2)),
+                        np.zeros(0, int))], 4000, size=32, background_share=0.5, rng=3)
+    empty = count_points_in_windows(xy, wins[:, 1], wins[:, 2], 32) == 0
+    assert 0.05 < empty.mean() < 0.6  # uniform windows sometimes miss every cell
+
+
+def test_stain_jitter_changes_colours_mildly_and_reproducibly():
+    from qpcell.augment import stain_jitter
+    from qpcell.synthetic import render_image
+
+    rgb = render_image((64, 64), 3, rng=0)[0]
+    assert stain_jitter(rgb, np.random.default_rng(0), 0.0) is rgb
+    a = stain_jitter(rgb, np.random.default_rng(5), 1.0)
+    b = stain_jitter(rgb, np.random.default_rng(5), 1.0)
+    assert a.dtype == np.uint8 and a.shape == rgb.shape
+    assert np.array_equal(a, b)
+    diff = np.abs(a.astype(int) - rgb.astype(int))
+    assert diff.mean() > 0.5  # it does change the image
+    assert diff.mean() < 30  # but keeps it recognisable
+    c = stain_jitter(rgb, np.random.default_rng(6), 1.0)
+    assert not np.array_equal(a, c)

@@ -55,7 +55,7 @@ class Recorder(TrainCallbacks):
         self.losses: list[tuple[int, float]] = []
         self.stop_at = stop_at
 
-    def on_batch(self, epoch, step, loss):
+    def on_batch(self, epoch, step, loss, progress=None, seconds_left=None):
         if self.stop_at == (epoch, step):
             raise KeyboardInterrupt
         self.losses.append((epoch, loss))
@@ -85,7 +85,7 @@ def test_training_loss_falls_and_model_finds_its_cells(tmp_path):
     assert 0 < config["postprocess"]["threshold"] < 1
     assert [c["name"] for c in config["classes"]] == [c.name for c in classes]
     log = (result.model_dir / "train_log.txt").read_text().splitlines()
-    assert len(log) == 20 and log[0].startswith("epoch 1 loss")
+    assert len(log) == 20 and log[0].startswith("epoch 1 steps")
 
 
 def test_training_is_reproducible_on_cpu(tmp_path):
@@ -263,3 +263,83 @@ def test_resume_reads_a_state_saved_before_selection_was_a_choice(tmp_path):
                    train_cfg=replace(TrainConfig(), epochs=2, select_on="combined"), **kwargs)
     assert [h.epoch for h in result.history] == [1, 2]
     assert result.best_epoch == pick_epoch(result.history, "combined")
+
+
+def test_a_time_budget_ends_on_time_with_the_schedule_run_out(tmp_path):
+    from qpcell.recipe import recipe
+
+    classes, data = tiny_data(4, 96)
+    rec = recipe("fast", "s-drdin")
+    budget = 12.0
+    result = train([], classes, tmp_path / "m", model_kwargs={**rec.model_kwargs, "base": 4},
+                   model_mpp=None, prepared=data, val_names=[data[0].name],
+                   train_cfg=replace(rec.train, time_budget_s=budget, seed=0),
+                   mask_cfg=rec.mask, patch_cfg=replace(rec.patch, size=64), device="cpu")
+    assert result.seconds <= budget * 1.25 + 1.0
+    assert result.seconds >= budget * 0.6
+    assert len(result.history) >= 2  # validated during the run, not only at the end
+    lrs = [h.lr for h in result.history]
+    assert lrs[-1] < 0.3 * rec.train.lr  # the cosine ran (nearly) out by the end
+    assert sum(h.steps for h in result.history) > 3
+    config = read_config(result.model_dir)
+    assert config["training"]["config"]["time_budget_s"] == budget
+    assert config["model"]["batch_norm"] is True
+
+
+def test_fast_recipe_loss_falls_and_model_finds_its_cells(tmp_path):
+    from qpcell.recipe import recipe
+
+    torch.manual_seed(0)
+    classes, data = tiny_data(8, 128)
+    rec = recipe("fast", "s-drdin")
+    calls = Recorder()
+    result = train([], classes, tmp_path / "m", model_kwargs={**rec.model_kwargs, "base": 8},
+                   model_mpp=None, prepared=data, val_names=[data[0].name], callbacks=calls,
+                   train_cfg=replace(rec.train, epochs=6, seed=0), mask_cfg=rec.mask,
+                   patch_cfg=replace(rec.patch, size=96), device="cpu")
+    first = np.mean([v for e, v in calls.losses if e == 1])
+    last = np.mean([v for e, v in calls.losses if e == 6])
+    assert last < 0.6 * first
+    bundle = load_model(result.model_dir, device="cpu")
+    found = [bundle.to_detections(*(m[0] for m in bundle.predict_maps(d.pixels[None])))
+             for d in data[1:]]
+    report = score_dataset(list(zip(found, data[1:], strict=True)), [c.name for c in classes],
+                           5.0)
+    assert report.detection.f1 > 0.85, report.detection
+    assert report.classification.weighted_f1 > 0.8, report.classification
+
+
+def test_images_without_pixel_size_are_scaled_by_their_nuclei(tmp_path):
+    from PIL import Image
+
+    from qpcell.points import AnnotatedImage
+    from qpcell.predict import Predictor
+
+    pairs = synthetic_dataset(3, (128, 128), 3, seed=1)
+    anns = []
+    for a, im in pairs:
+        path = tmp_path / f"{a.name}.png"
+        Image.fromarray(im).save(path)
+        anns.append(AnnotatedImage(a.name, path, a.xy, a.labels, a.classes))
+    notes = []
+
+    class Notes(TrainCallbacks):
+        def on_note(self, text):
+            notes.append(text)
+
+    result = train(anns, anns[0].classes, tmp_path / "m", model_kwargs={"base": 4},
+                   model_mpp=0.44, train_cfg=replace(TrainConfig(), epochs=1), patch_cfg=PATCH,
+                   device="cpu", max_steps_per_epoch=1, callbacks=Notes())
+    source = read_config(result.model_dir)["training"]["source_mpp"]
+    assert source["how"] == "estimated" and source["images"] == 3
+    assert source["value"] == pytest.approx(2.0 / source["nucleus_radius_px"], rel=1e-3)
+    assert result.mpp == 0.44
+    assert any("carry no pixel size" in n and "µm/px" in n for n in notes)
+    predictor = Predictor.from_bundle(load_model(result.model_dir, device="cpu"))
+    assert predictor.source_mpp == pytest.approx(source["value"])
+    # --mpp wins over the estimate, and is recorded as given
+    given = train(anns, anns[0].classes, tmp_path / "g", model_kwargs={"base": 4},
+                  model_mpp=0.44, fallback_mpp=0.5, train_cfg=replace(TrainConfig(), epochs=1),
+                  patch_cfg=PATCH, device="cpu", max_steps_per_epoch=1)
+    assert read_config(given.model_dir)["training"]["source_mpp"] == {"how": "given",
+                                                                      "value": 0.5}

@@ -26,18 +26,28 @@ def conv(cin: int, cout: int, k: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, padding=k // 2)
 
 
+def conv_norm(cin: int, cout: int, k: int, batch_norm: bool = False) -> nn.Module:
+    """:func:`conv`, followed by batch normalisation when ``batch_norm`` (then without bias)."""
+    if not batch_norm:
+        return conv(cin, cout, k)
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
 class InceptionBlock(nn.Module):
     """DRDIN inception block: the **sum** of three ReLU conv paths, each ``width`` channels wide.
 
-    Paths: 1x1 then 3x3; 3x3 then 3x3; 1x1 (every conv followed by ReLU).
+    Paths: 1x1 then 3x3; 3x3 then 3x3; 1x1 (every conv followed by ReLU). ``batch_norm``
+    puts batch normalisation between each conv and its ReLU (not in the paper).
     """
 
-    def __init__(self, cin: int, width: int) -> None:
+    def __init__(self, cin: int, width: int, batch_norm: bool = False) -> None:
         super().__init__()
         self.in_channels, self.width = cin, width
-        self.a1, self.a2 = conv(cin, width, 1), conv(width, width, 3)
-        self.b1, self.b2 = conv(cin, width, 3), conv(width, width, 3)
-        self.c1 = conv(cin, width, 1)
+        c = conv_norm
+        self.a1, self.a2 = c(cin, width, 1, batch_norm), c(width, width, 3, batch_norm)
+        self.b1, self.b2 = c(cin, width, 3, batch_norm), c(width, width, 3, batch_norm)
+        self.c1 = c(cin, width, 1, batch_norm)
 
     def forward(self, x: Tensor) -> Tensor:
         relu = torch.relu

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from qpcell.errors import QpcellError
-from qpcell.losses import bce_loss, weighted_cross_entropy
-from qpcell.models.blocks import InceptionBlock, conv, glorot_init, up2
+from qpcell.losses import bce_loss, dice_loss, weighted_cross_entropy
+from qpcell.models.blocks import InceptionBlock, conv, conv_norm, glorot_init, up2
 
 # variant -> (classification branch, detection branch, stop-gradient on detection skips)
 VARIANTS: dict[str, tuple[bool, bool, bool]] = {
@@ -69,10 +69,11 @@ def default_dense(depth: int) -> list[tuple[int, int]]:
 class DenseEncoder(nn.Module):
     """Inception blocks of widths ``widths`` joined by 2x2 average pooling; returns every block."""
 
-    def __init__(self, in_channels: int, widths: list[int]) -> None:
+    def __init__(self, in_channels: int, widths: list[int], batch_norm: bool = False) -> None:
         super().__init__()
         cins = [in_channels, *widths[:-1]]
-        self.blocks = nn.ModuleList(InceptionBlock(c, w) for c, w in zip(cins, widths, strict=True))
+        self.blocks = nn.ModuleList(InceptionBlock(c, w, batch_norm)
+                                    for c, w in zip(cins, widths, strict=True))
         self.pool = nn.AvgPool2d(2)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -84,7 +85,8 @@ class DenseEncoder(nn.Module):
 
 
 class _DecoderLevel(nn.Module):
-    def __init__(self, level: int, cin_up: int, widths: list[int], sources: list[int]) -> None:
+    def __init__(self, level: int, cin_up: int, widths: list[int], sources: list[int],
+                 batch_norm: bool = False) -> None:
         super().__init__()
         w = widths[level]
         self.up = up2(cin_up, w)
@@ -98,7 +100,7 @@ class _DecoderLevel(nn.Module):
             else:  # coarser encoder block: transposed conv up to this level
                 self.dense.append(up2(widths[s], w, 2 ** (s - level)))
                 cin += w
-        self.block = InceptionBlock(cin, w)
+        self.block = InceptionBlock(cin, w, batch_norm)
 
 
 class DenseDecoder(nn.Module):
@@ -109,14 +111,15 @@ class DenseDecoder(nn.Module):
     through a skip (same-level or dense); ``detach_bottleneck`` detaches the trunk input.
     """
 
-    def __init__(self, widths: list[int], dense: list[tuple[int, int]]) -> None:
+    def __init__(self, widths: list[int], dense: list[tuple[int, int]],
+                 batch_norm: bool = False) -> None:
         super().__init__()
         depth = len(widths)
         self.levels = nn.ModuleList()
         cin = widths[-1]
         for level in range(depth - 2, -1, -1):
             sources = [s for s, d in dense if d == level]
-            self.levels.append(_DecoderLevel(level, cin, widths, sources))
+            self.levels.append(_DecoderLevel(level, cin, widths, sources, batch_norm))
             cin = widths[level]
 
     def forward(self, feats: list[Tensor], *, detach_skips: bool = False,
@@ -160,12 +163,18 @@ class SDRDIN(nn.Module):
         Number of 3x3 conv-ReLU layers before the detection 1x1 conv (paper: 2).
     in_channels
         Input channels (RGB: 3).
+    batch_norm
+        Batch normalisation after every conv of the blocks and the detection head (not in the
+        paper; the fast training recipe uses it, :mod:`qpcell.recipe`).
+    det_dice
+        Weight of a soft-Dice term added to the detection BCE (paper: 0).
     """
 
     def __init__(self, n_classes: int, *, variant: str = "s-drdin", base: int = 16,
                  depth: int = 4, dense: list | None = None, detach_bottleneck: bool = False,
                  detach_cls_features: bool = False, det_head_convs: int = 2,
-                 in_channels: int = 3) -> None:
+                 in_channels: int = 3, batch_norm: bool = False, det_dice: float = 0.0
+                 ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise QpcellError(f"unknown S-DRDIN variant {variant!r}; choose from {list(VARIANTS)}")
@@ -187,18 +196,20 @@ class SDRDIN(nn.Module):
                       "depth": int(depth), "dense": [list(p) for p in dense_pairs],
                       "detach_bottleneck": self.detach_bottleneck,
                       "detach_cls_features": self.detach_cls_features,
-                      "det_head_convs": int(det_head_convs), "in_channels": int(in_channels)}
+                      "det_head_convs": int(det_head_convs), "in_channels": int(in_channels),
+                      "batch_norm": bool(batch_norm), "det_dice": float(det_dice)}
+        self.det_dice = float(det_dice)
 
-        self.encoder = DenseEncoder(in_channels, widths)
+        self.encoder = DenseEncoder(in_channels, widths, batch_norm)
         if self.has_cls:
-            self.cls_decoder = DenseDecoder(widths, dense_pairs)
+            self.cls_decoder = DenseDecoder(widths, dense_pairs, batch_norm)
             self.cls_head = conv(widths[0], n_classes + 1, 1)
         if self.has_det:
-            self.det_decoder = DenseDecoder(widths, dense_pairs)
+            self.det_decoder = DenseDecoder(widths, dense_pairs, batch_norm)
             layers: list[nn.Module] = []
             cin = widths[0] * (2 if self.has_cls else 1)
             for _ in range(det_head_convs):
-                layers += [conv(cin, widths[0], 3), nn.ReLU(inplace=True)]
+                layers += [conv_norm(cin, widths[0], 3, batch_norm), nn.ReLU(inplace=True)]
                 cin = widths[0]
             layers.append(conv(cin, 1, 1))
             self.det_head = nn.Sequential(*layers)
@@ -240,6 +251,8 @@ class SDRDIN(nn.Module):
             parts["ce"] = weighted_cross_entropy(out["cls_logits"], targets["cls"])
         if self.has_det:
             parts["bce"] = bce_loss(out["det_logits"], targets["det"])
+            if self.det_dice:
+                parts["dice"] = self.det_dice * dice_loss(out["det_logits"], targets["det"])
         total = sum(parts.values())
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
