@@ -28,7 +28,10 @@ QPCELL = "qpcell"
 IMAGES = []
 // The model folder to write: relative to the project folder, or a full path
 MODEL = "qpcell-model"
-// More options for qpcell train, e.g. ["--epochs", "50", "--device", "cuda"]
+// Minutes of training (qpcell train --time-budget): the learning-rate schedule, validation and
+// stopping fit the time. Not used when TRAIN_OPTIONS holds "--epochs" or "--time-budget".
+TIME_BUDGET_MINUTES = 10
+// More options for qpcell train, e.g. ["--device", "cuda"] or ["--recipe", "paper"]
 TRAIN_OPTIONS = []
 // false: only export (e.g. to train on another computer: copy the qpcell folder and images)
 RUN_TRAINING = true
@@ -96,6 +99,8 @@ if (RUN_TRAINING) {
     def modelDir = new File(MODEL).isAbsolute() ? new File(MODEL) : new File(projectDir, MODEL)
     // >>> qpcell command line (tests/test_groovy.py checks that qpcell accepts these options)
     def trainArgs = ["train", exportDir.getPath(), "--out", modelDir.getPath()] + TRAIN_OPTIONS
+    if (TIME_BUDGET_MINUTES > 0 && !TRAIN_OPTIONS.any { it.toString() in ["--epochs", "--time-budget"] })
+        trainArgs += ["--time-budget", TIME_BUDGET_MINUTES.toString()]
     // <<< qpcell command line
     runQpcell(trainArgs)
     println "qpcell: model written to " + modelDir

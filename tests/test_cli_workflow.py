@@ -88,12 +88,59 @@ def test_training_options_reach_the_saved_model(cli, project, tmp_path):
     assert "(eager)" in stdout
 
 
+def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
+    out = tmp_path / "budget"
+    code, stdout, stderr = cli("train", project, "--out", out, "--base", "4", "--time-budget",
+                               "0.15", "--patch-size", "64", "--model-mpp", "native",
+                               "--device", "cpu")
+    assert code == 0, stderr
+    assert "recipe fast, time budget 0.15 min" in stdout
+    config = json.loads((out / "config.json").read_text())
+    training = config["training"]
+    assert training["config"]["time_budget_s"] == pytest.approx(9.0)
+    assert training["config"]["lr_schedule"] == "cosine"
+    assert training["patch"]["sampling"] == "cells" and training["patch"]["size"] == 64
+    assert config["model"]["batch_norm"] is True
+    out = tmp_path / "paper"
+    code, stdout, stderr = cli("train", project, "--out", out, "--base", "4", "--recipe",
+                               "paper", *TINY_TRAIN)
+    assert code == 0, stderr
+    assert "recipe paper, 1 epochs" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["config"]["time_budget_s"] is None
+    assert config["training"]["patch"]["sampling"] == "grid"
+    assert config["model"]["batch_norm"] is False
+    assert config["mask"]["disc_radius_px"] == 2.0
+
+
+def test_progress_lines_reach_a_log_file():
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from qpcell.cli import train as train_cli
+
+    console = Console(file=__import__("io").StringIO(), force_terminal=False, width=120)
+    clock = iter([0.0, 10.0, 40.0, 45.0, 80.0])
+    with Progress(console=console) as progress:
+        calls = train_cli.RichCallbacks(progress, "s-drdin", clock=lambda: next(clock))
+        calls.on_start(1, 10, 1, budget_s=60.0)
+        for step, left in ((1, 50.0), (2, 20.0), (3, 15.0), (4, 1.0)):
+            calls.on_batch(1, step, 0.5, 1 - left / 60, left)
+    text = console.file.getvalue()
+    assert text.count("min left") == 2  # at 40 s and at 80 s: every 30 s, not every batch
+    assert "67% round 1 loss 0.5000" in text
+
+
 @pytest.mark.parametrize("args, message", [
     (("train", "nowhere", "--out", "m"), "no such file or folder"),
     (("train", ".", "--out", "m", "--patch-size", "100"), "multiple of 16"),
     (("train", ".", "--out", "m", "--precision", "fp16"), "--precision 'fp16'"),
     (("train", ".", "--out", "m", "--select-on", "loss"), "--select-on 'loss'"),
     (("predict", "nowhere", "nowhere", "--out", "o"), "not a qpcell model"),
+    (("train", ".", "--out", "m", "--epochs", "3", "--time-budget", "1"), "not both"),
+    (("train", ".", "--out", "m", "--time-budget", "-1"), "positive number of minutes"),
+    (("train", ".", "--out", "m", "--recipe", "slow"), "--recipe 'slow'"),
+    (("train", ".", "--out", "m", "--sampling", "random"), "--sampling 'random'"),
 ])
 def test_bad_input_is_one_line_and_exit_1(cli, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -113,7 +160,7 @@ def test_debug_shows_the_traceback(cli, tmp_path, monkeypatch):
 
 def test_demo_runs_end_to_end(cli, tmp_path):
     out = tmp_path / "demo"
-    code, stdout, stderr = cli("demo", "--out", out, "--epochs", "1", "--train-images", "2",
+    code, stdout, stderr = cli("demo", "--out", out, "--minutes", "0.1", "--train-images", "2",
                                "--test-images", "1", "--device", "cpu")
     assert code == 0, stderr
     assert (out / "model" / "config.json").exists()

@@ -458,7 +458,8 @@ def test_train_script_exports_and_trains(harness, qupath_samples, tmp_path, cli,
     assert sorted(p.name for p in export.glob("*.geojson")) == [
         "MTA3-8_GPC3 (2).geojson", "slide_ two.geojson"]
     # exactly one qpcell call: train <export> --out <project>/qpcell-model
-    assert calls == [["train", str(export), "--out", str(proj / "qpcell-model")]]
+    assert calls == [["train", str(export), "--out", str(proj / "qpcell-model"),
+                      "--time-budget", "10"]]
 
     index = json.loads((export / "images.json").read_text(encoding="utf-8"))
     assert index["format"] == "qpcell-qupath-export" and index["version"] == 1
@@ -523,6 +524,7 @@ def test_the_exported_folder_trains_with_qpcell(harness, tmp_path, cli):
     state, calls, log = harness(TRAIN, world, settings={"TRAIN_OPTIONS": options})
     assert state["error"] is None, log
     (argv,) = calls
+    assert "--time-budget" not in argv  # --epochs in TRAIN_OPTIONS: no budget added
     import inspect
 
     import qpcell.io.sources as sources
@@ -533,6 +535,27 @@ def test_the_exported_folder_trains_with_qpcell(harness, tmp_path, cli):
     code, out, err = cli(*argv)
     assert code == 0, err
     assert (proj / "qpcell-model").is_dir()
+
+
+def test_train_script_passes_the_time_budget(harness, tmp_path):
+    from PIL import Image
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+    p = [[10.0, 10.0], [30.0, 40.0]]
+    ann = {"roi": {"points": p}, "feature": {
+        "type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": p},
+        "properties": {"objectType": "annotation",
+                       "classification": {"name": "Positive", "color": [200, 50, 50]}}}}
+    world = {"project": {"dir": str(proj), "classes": [], "images": [
+        {"name": path.name, "id": "1", "uri": path.as_uri(), "annotations": [ann]}]}}
+    for settings, budget in (({}, "10"), ({"TIME_BUDGET_MINUTES": "3"}, "3")):
+        state, calls, log = harness(TRAIN, world, settings=settings)
+        assert state["error"] is None, log
+        argv = calls[-1]
+        assert argv[argv.index("--time-budget") + 1] == budget
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ DEMO_MPP = 0.44  # the paper's working resolution: no resampling
 def demo_command(
     out: Path = typer.Option(Path("qpcell-demo"), "--out", "-o", help="Folder for everything "
                              "the demo writes."),
-    epochs: int = typer.Option(30, help="Training epochs."),
+    minutes: float = typer.Option(1.0, help="Training time budget in minutes (qpcell "
+                                  "train's fast recipe)."),
     train_images: int = typer.Option(8, help="Synthetic training + validation images."),
     test_images: int = typer.Option(3, help="Held-back synthetic test images."),
     base: int = typer.Option(8, help="S-DRDIN width (the paper's is 16)."),
@@ -30,11 +31,11 @@ def demo_command(
     from qpcell.cli.evaluate import render_report
     from qpcell.cli.predict import run_prediction
     from qpcell.cli.train import run_training
-    from qpcell.config import PatchConfig, TrainConfig
     from qpcell.io.atomic import atomic_write_text
     from qpcell.io.project import read_project
     from qpcell.io.sources import load_source
     from qpcell.metrics import score_dataset
+    from qpcell.recipe import recipe
     from qpcell.synthetic import write_synthetic_project
 
     t0 = time.perf_counter()
@@ -46,13 +47,14 @@ def demo_command(
                             mpp=DEMO_MPP, prefix="test")
     console.print(f"{train_images} training and {test_images} test images in {out / 'data'}")
 
-    console.rule("2. train S-DRDIN")
+    console.rule(f"2. train S-DRDIN for {minutes:g} min")
     classes, images = load_source(data)
     model_dir = out / "model"
-    run_training(classes, images, model_dir, "s-drdin", model_kwargs={"base": base},
-                 model_mpp=DEMO_MPP, device=device,
-                 train_cfg=replace(TrainConfig(), epochs=epochs, seed=seed),
-                 patch_cfg=replace(PatchConfig(), size=128, stride=96))
+    fast = recipe("fast", "s-drdin")
+    run_training(classes, images, model_dir, "s-drdin",
+                 model_kwargs={**fast.model_kwargs, "base": base}, model_mpp=DEMO_MPP,
+                 device=device, mask_cfg=fast.mask, patch_cfg=fast.patch, post_cfg=fast.post,
+                 train_cfg=replace(fast.train, time_budget_s=minutes * 60, seed=seed))
 
     console.rule("3. predict held-back images")
     predictions = out / "predictions"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from rich.progress import (
 from rich.table import Table
 
 from qpcell.cli._app import app, console, err_console
-from qpcell.config import PAPER_MPP, SELECT_ON, MaskConfig, PatchConfig, TrainConfig
+from qpcell.config import PAPER_MPP, SAMPLINGS, SELECT_ON, TrainConfig
 from qpcell.device import PRECISIONS
 from qpcell.errors import QpcellError
+from qpcell.recipe import DEFAULT_BUDGET_MIN, RECIPES, recipe
 from qpcell.train import EpochSummary, TrainCallbacks, TrainResult
 
 SEPARATE = "separate"
@@ -27,29 +29,54 @@ MTL = "mtl-ihc"
 
 
 class RichCallbacks(TrainCallbacks):
-    """A progress bar over all batches of all epochs, with loss, validation F1 and ETA."""
+    """A progress bar over the whole run (batches, or the time budget), with loss, validation
+    F1 and time left; where the output is no terminal (a log file), a plain line every
+    :data:`LOG_EVERY_S` seconds instead."""
 
-    def __init__(self, progress: Progress, label: str) -> None:
+    LOG_EVERY_S = 30.0
+
+    def __init__(self, progress: Progress, label: str, clock=time.monotonic) -> None:
         self.progress = progress
+        self.clock = clock
         self.label = label
         self.task = None
         self.val = "-"
+        self.total = 1
+        self.round = "epoch"
+        self.last_line = clock()
 
-    def on_start(self, epochs: int, batches_per_epoch: int, start_epoch: int) -> None:
-        total = (epochs - start_epoch + 1) * batches_per_epoch
-        self.task = self.progress.add_task(self.label, total=total, info="")
+    def on_start(self, epochs: int, batches_per_epoch: int, start_epoch: int,
+                 budget_s: float | None = None) -> None:
+        self.round = "round" if budget_s else "epoch"
+        self.total = 1000 if budget_s else (epochs - start_epoch + 1) * batches_per_epoch
+        self.task = self.progress.add_task(self.label, total=self.total, info="")
 
-    def on_batch(self, epoch: int, step: int, loss: float) -> None:
-        self.progress.update(self.task, advance=1,
-                             info=f"epoch {epoch} loss {loss:.4f} val F1 {self.val}")
+    def on_batch(self, epoch: int, step: int, loss: float, progress: float | None = None,
+                 seconds_left: float | None = None) -> None:
+        info = f"{self.round} {epoch} loss {loss:.4f} val F1 {self.val}"
+        if seconds_left is not None:
+            info += f" {seconds_left / 60:.1f} min left"
+        if self.round == "round" and progress is not None:
+            self.progress.update(self.task, completed=progress * self.total, info=info)
+        else:
+            self.progress.update(self.task, advance=1, info=info)
+        now = self.clock()
+        if not self.progress.console.is_terminal and now - self.last_line >= self.LOG_EVERY_S:
+            self.last_line = now
+            done = f"{100 * progress:.0f}% " if progress is not None else ""
+            self.progress.console.print(f"{done}{info}", highlight=False)
 
     def on_epoch(self, summary: EpochSummary) -> None:
         self.val = f"{summary.val_f1:.3f}"
         star = " *" if summary.best else ""
         self.progress.console.print(
-            f"epoch {summary.epoch:3d}  loss {summary.loss:.4f}  val F1 {summary.val_f1:.3f}  "
-            f"class F1 {summary.val_class_f1:.3f}  thr {summary.threshold:.2f}  "
+            f"{self.round} {summary.epoch:3d}  loss {summary.loss:.4f}  "
+            f"val F1 {summary.val_f1:.3f}  class F1 {summary.val_class_f1:.3f}  "
+            f"thr {summary.threshold:.2f}  {summary.steps} steps  "
             f"{summary.seconds:.0f}s{star}", highlight=False)
+
+    def on_note(self, text: str) -> None:
+        self.progress.console.print(f"note: {text}", highlight=False, markup=False)
 
 
 def _progress() -> Progress:
@@ -88,6 +115,9 @@ def run_training(source_classes, images, out: Path, model: str, *, show: bool = 
             return train(images, source_classes, out, model_name=model,
                          callbacks=RichCallbacks(progress, model) if show else None, **kwargs)
         results = {}
+        cfg = kwargs.get("train_cfg")
+        if cfg is not None and cfg.time_budget_s:  # the two models share the budget
+            kwargs["train_cfg"] = replace(cfg, time_budget_s=cfg.time_budget_s / 2)
         for part, name in (("detection", "drdin-detection"),
                            ("classification", "drdin-classification")):
             results[part] = train(images, source_classes, out / part, model_name=name,
@@ -96,6 +126,7 @@ def run_training(source_classes, images, out: Path, model: str, *, show: bool = 
     det_cfg = read_config(out / "detection")
     meta = {k: det_cfg[k] for k in ("classes", "mpp", "mask", "postprocess_kind", "postprocess")}
     meta["training"] = {part: read_config(out / part)["training"] for part in results}
+    meta["training"]["source_mpp"] = meta["training"]["detection"].get("source_mpp")
     save_pipeline(out, {p: out / p for p in results}, meta)
     det, cls = results["detection"], results["classification"]
     return TrainResult(out, det.history + cls.history, det.best_epoch, det.val_f1,
@@ -120,11 +151,23 @@ def train_command(
                               help="s-drdin, s-drdin-gradient, drdin-detection, "
                                    "drdin-classification, unet, mtl-ihc, or 'separate' "
                                    "(drdin-detection + drdin-classification)."),
-    epochs: int = typer.Option(TrainConfig.epochs, help="Epochs (S-DRDIN: 100)."),
-    batch_size: int = typer.Option(TrainConfig.batch_size, help="Patches per batch (S-DRDIN: 4)."),
-    lr: float = typer.Option(TrainConfig.lr, help="Adam learning rate (S-DRDIN: 1e-3)."),
-    lr_schedule: str = typer.Option(TrainConfig.lr_schedule, help="'constant' (S-DRDIN) or "
-                                    "'cosine' (down to 0 by the last epoch)."),
+    recipe_name: str = typer.Option("fast", "--recipe", help="'fast' (default): the settings "
+                                    "that learn most in minutes (qpcell.recipe); 'paper': "
+                                    "S-DRDIN 2.2-2.3 / paper 003 as published. The options "
+                                    "below override single settings of either."),
+    time_budget: float | None = typer.Option(None, "--time-budget", help="Train for this many "
+                                             "minutes (validation and writing the model "
+                                             "included); the learning rate, validation and "
+                                             "stopping fit the time. Default with --recipe "
+                                             "fast and no --epochs: 10."),
+    epochs: int | None = typer.Option(None, help="Train for this many epochs instead of a "
+                                      "time budget (default with --recipe paper: 100)."),
+    batch_size: int | None = typer.Option(None, help="Patches per batch (S-DRDIN: 4; "
+                                          "fast: 8)."),
+    lr: float | None = typer.Option(None, help="Adam learning rate (S-DRDIN: 1e-3; "
+                                    "fast: 2e-3)."),
+    lr_schedule: str | None = typer.Option(None, help="'constant' (S-DRDIN) or 'cosine' "
+                                           "(down to 0 at the end; fast)."),
     select_on: str = typer.Option(TrainConfig.select_on, help="Which epoch to keep: "
                                   "'detection' (best validation detection F1) or 'combined' "
                                   "(best mean of detection F1 and weighted classification F1)."),
@@ -135,25 +178,37 @@ def train_command(
                                   "channels-last where the hardware computes bf16 natively "
                                   "(CUDA, CPUs with AVX512-BF16/AMX); 'fp32'; 'bf16'."),
     mpp: float | None = typer.Option(None, help="Pixel size (µm/px) of images that do not "
-                                     "carry one."),
+                                     "carry one (default: estimated from the size of the "
+                                     "annotated nuclei, and printed)."),
     model_mpp: str = typer.Option(str(PAPER_MPP), help="µm/px the model works at "
                                   "(S-DRDIN: 0.44), or 'native' to keep each image's scale."),
     base: int | None = typer.Option(None, help="Network width (S-DRDIN: 16)."),
     val_images: str | None = typer.Option(None, help="Comma-separated image names to validate "
                                           "on (default: a seeded 30% of the images)."),
     images: str | None = typer.Option(None, help="Comma-separated image names to use."),
-    disc_radius: float = typer.Option(MaskConfig.disc_radius_px, help="Label disc radius, px at "
-                                      "0.44 µm/px (S-DRDIN: 2); at native scale in native px."),
+    disc_radius: float | None = typer.Option(None, help="Label disc radius, px at 0.44 µm/px "
+                                             "(S-DRDIN: 2; fast: 4); at native scale in "
+                                             "native px."),
     match_radius: float | None = typer.Option(None, help="Validation matching radius in px at "
                                               "the model's scale (default 10 px at 0.44 µm/px)."),
-    patch_size: int = typer.Option(PatchConfig.size, help="Patch side in px (S-DRDIN: 224)."),
-    stride: int = typer.Option(PatchConfig.stride, help="Patch stride in px (S-DRDIN: 120)."),
-    background_fraction: float = typer.Option(PatchConfig.background_fraction,
-                                              help="Share of cell-free patches kept."),
-    rotate90: bool = typer.Option(False, help="Also augment with 90-degree rotations."),
-    rare_repeats: int = typer.Option(PatchConfig.rare_repeats, min=0, help="Draw windows "
-                                     "holding a cell of a rare class (under 5% of the "
-                                     "points) this many more times per epoch (S-DRDIN: 0)."),
+    patch_size: int | None = typer.Option(None, help="Patch side in px (S-DRDIN: 224; "
+                                          "fast: 128)."),
+    stride: int | None = typer.Option(None, help="Patch stride in px of the 'grid' sampling "
+                                      "(S-DRDIN: 120)."),
+    sampling: str | None = typer.Option(None, help="'grid' (S-DRDIN: every stride-120 window) "
+                                        "or 'cells' (fast: windows centred near annotated "
+                                        "cells)."),
+    background_fraction: float | None = typer.Option(None, help="Share of cell-free patches "
+                                                     "kept (grid) or drawn (cells)."),
+    rotate90: bool | None = typer.Option(None, "--rotate90/--no-rotate90",
+                                         help="Also augment with 90-degree rotations (fast)."),
+    colour_jitter: float | None = typer.Option(None, help="HED stain, brightness and contrast "
+                                               "jitter strength (0: none, the default; 1: "
+                                               "Tellez et al.'s HED-light)."),
+    rare_repeats: int | None = typer.Option(None, min=0, help="Grid sampling: draw windows "
+                                            "holding a cell of a rare class (under 5% of the "
+                                            "points) this many more times per epoch "
+                                            "(S-DRDIN: 0)."),
     max_steps: int | None = typer.Option(None, help="At most this many batches per epoch."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, mps (default: best "
                                       "available)."),
@@ -178,15 +233,41 @@ def train_command(
         console.quiet = True
 
     model_mpp_value = parse_mpp(model_mpp)
-    if patch_size % 16 or patch_size < 32:
-        raise QpcellError(f"--patch-size {patch_size} must be a multiple of 16, at least 32")
-    if not 0 < stride <= patch_size:
-        raise QpcellError(f"--stride {stride} must be between 1 and --patch-size")
+    if recipe_name not in RECIPES:
+        raise QpcellError(f"--recipe {recipe_name!r}: choose from {', '.join(RECIPES)}")
+    rec = recipe(recipe_name, model)
+    if epochs is not None and time_budget is not None:
+        raise QpcellError("give --epochs or --time-budget, not both")
+    if time_budget is not None and not time_budget > 0:
+        raise QpcellError(f"--time-budget {time_budget} must be a positive number of minutes")
+    budget_s = (time_budget * 60 if time_budget is not None else
+                None if epochs is not None or recipe_name == "paper" else
+                DEFAULT_BUDGET_MIN * 60)
+
+    def given(**values):
+        return {k: v for k, v in values.items() if v is not None}
+
+    train_cfg = replace(rec.train, seed=seed, precision=precision, select_on=select_on,
+                        keep_epochs=keep_epochs, time_budget_s=budget_s,
+                        **given(epochs=epochs, batch_size=batch_size, lr=lr,
+                                lr_schedule=lr_schedule))
+    patch_cfg = replace(rec.patch, **given(size=patch_size, stride=stride, sampling=sampling,
+                                           background_fraction=background_fraction,
+                                           rotate90=rotate90, colour_jitter=colour_jitter,
+                                           rare_repeats=rare_repeats))
+    mask_cfg = replace(rec.mask, **given(disc_radius_px=disc_radius))
+    if patch_cfg.size % 16 or patch_cfg.size < 32:
+        raise QpcellError(f"--patch-size {patch_cfg.size} must be a multiple of 16, at least 32")
+    if not 0 < patch_cfg.stride <= patch_cfg.size:
+        raise QpcellError(f"--stride {patch_cfg.stride} must be between 1 and --patch-size")
+    if patch_cfg.sampling not in SAMPLINGS:
+        raise QpcellError(f"--sampling {patch_cfg.sampling!r}: choose from "
+                          f"{', '.join(SAMPLINGS)}")
     if precision not in PRECISIONS:
         raise QpcellError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     if select_on not in SELECT_ON:
         raise QpcellError(f"--select-on {select_on!r}: choose from {', '.join(SELECT_ON)}")
-    if epochs < 1 or batch_size < 1:
+    if train_cfg.epochs < 1 or train_cfg.batch_size < 1:
         raise QpcellError("--epochs and --batch-size must be at least 1")
     roots = {}
     for item in image_root:
@@ -211,19 +292,23 @@ def train_command(
         kwargs["prior_classes"] = prior_classes.split(",") if prior_classes else None
         kwargs["backbone"] = backbone
         kwargs["mtl_cfg"] = replace(MTLConfig(), prior_epochs=prior_epochs)
+        if disc_radius is not None:
+            kwargs["mask_cfg"] = mask_cfg
     else:
-        kwargs["mask_cfg"] = replace(MaskConfig(), disc_radius_px=disc_radius)
+        kwargs["mask_cfg"] = mask_cfg
+        model_kwargs = dict(rec.model_kwargs)
         if base is not None:
-            kwargs["model_kwargs"] = {"base": base}
+            model_kwargs["base"] = base
+        if model_kwargs:
+            kwargs["model_kwargs"] = model_kwargs
+    if budget_s:
+        console.print(f"recipe {rec.name}, time budget {budget_s / 60:g} min", highlight=False)
+    else:
+        console.print(f"recipe {rec.name}, {train_cfg.epochs} epochs", highlight=False)
     result = run_training(
         classes, annotated, out, model,
-        model_mpp=model_mpp_value, fallback_mpp=mpp,
-        train_cfg=replace(TrainConfig(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          precision=precision, lr_schedule=lr_schedule,
-                          select_on=select_on, keep_epochs=keep_epochs),
-        patch_cfg=replace(PatchConfig(), size=patch_size, stride=stride,
-                          background_fraction=background_fraction, rotate90=rotate90,
-                          rare_repeats=rare_repeats),
+        model_mpp=model_mpp_value, fallback_mpp=mpp, train_cfg=train_cfg, patch_cfg=patch_cfg,
+        post_cfg=rec.post,
         match_radius_px=match_radius,
         val_names=val_images.split(",") if val_images else None,
         device=device, resume=resume, max_steps_per_epoch=max_steps, **kwargs)
@@ -231,7 +316,8 @@ def train_command(
     table.add_column("")
     table.add_column("")
     table.add_row("model folder", str(result.model_dir))
-    table.add_row("best epoch", str(result.best_epoch))
+    table.add_row("best round" if budget_s else "best epoch", str(result.best_epoch))
+    table.add_row("model scale", f"{result.mpp:g} µm/px" if result.mpp else "native")
     table.add_row("validation detection F1", f"{result.val_f1:.3f}")
     table.add_row("validation classification F1 (weighted)", f"{result.val_class_f1:.3f}")
     table.add_row("train / validation images",
