@@ -289,3 +289,28 @@ def test_postprocess_variants_refuse_a_peak_model(endonuke, tmp_path, monkeypatc
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(SystemExit, match="post-processing is 'peaks'"):
         load_script("postprocess_variants").main([str(folder), "--max-test", "1"])
+
+
+def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    tta = load_script("time_to_accuracy")
+    out = tmp_path / "tta.json"
+    result = tta.main(["--smoke", "--datasets", "endonuke,endonuke-x2", "--minutes", "0.15",
+                       "--workdir", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
+                       "--json", str(out), "--plot", str(tmp_path / "tta.png"),
+                       "--device", "cpu", "--set", "patch.class_balance=0"])
+    assert json.loads(out.read_text(encoding="utf-8"))["summary"] == json.loads(
+        json.dumps(result["summary"]))
+    runs = {r["dataset"]: r for r in result["runs"]}
+    assert set(runs) == {"endonuke", "endonuke-x2"}
+    for run in runs.values():
+        assert run["train_seconds"] < 0.15 * 60 * 1.5 + 5  # the budget held (plus loading)
+        assert run["overrides"] == ["patch.class_balance=0"]
+        assert 0.0 <= run["scores"]["detection_f1"] <= 1.0
+        assert run["source_mpp"]["how"] == "estimated"
+    # the 2x copy is twice as fine: its estimated pixel size is about half
+    ratio = runs["endonuke-x2"]["source_mpp"]["value"] / runs["endonuke"]["source_mpp"]["value"]
+    assert ratio == pytest.approx(0.5, rel=0.15)
+    assert (tmp_path / "tta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="unknown dataset"):
+        tta.main(["--smoke", "--datasets", "kidney"])

@@ -1,0 +1,300 @@
+"""Time to accuracy: how good a model ``qpcell train`` gives after N minutes, as a new user runs it.
+
+Each run is what a user does: images without a pixel size, ``qpcell train`` with a time
+budget and nothing else (the scale comes from the annotated nuclei, :mod:`qpcell.scale`), then
+prediction on the held-out images the way ``qpcell predict`` reads them (tiles at the model's
+µm/px, the training's pixel-size estimate for images without one), scored against their points
+by ``qpcell.metrics.score_dataset``. Mean ± sample std over the seeds.
+
+Data (read from ``$QPCELL_DATA`` or ``../shared/data``; never copied into the repository):
+
+* ``endonuke`` (EndoNuke, IHC; Naumov et al., Data 2022, CC BY 4.0): the split of
+  benchmarks/accuracy.py (test = every third image by number, 94; train + validation = the
+  other 188, 7:3 by the seed), scored at 6 px (at the native scale).
+* ``endonuke-x2``, ``endonuke-x3``: the same images and points resampled 2x and 3x (bilinear),
+  as a 40x scan without metadata arrives; scored at 12 and 18 px (the same distance in the
+  tissue). Written once to ``--cache``.
+* ``nucls`` (the NuCLS example, H&E; Amgad et al., GigaScience 2022, CC0): its train/ (7:3)
+  and test/ folders, scored at 8 px. A smoke check of another stain, 5 test tiles.
+
+Usage::
+
+    python benchmarks/time_to_accuracy.py --datasets endonuke --minutes 5,10,30 --seeds 0,1,2 \\
+        --json tta.json --plot docs/figures/time-to-accuracy.png
+    python benchmarks/time_to_accuracy.py --recipe paper --minutes 10     # the paper's recipe
+    python benchmarks/time_to_accuracy.py --smoke                         # seconds, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from accuracy import data_root, scores_of, summarise  # noqa: E402
+
+from qpcell.errors import QpcellError  # noqa: E402
+
+#: Matching radius (px at the data's native scale) and how the data was made.
+DATASETS = {"endonuke": (6.0, 1), "endonuke-x2": (6.0, 2), "endonuke-x3": (6.0, 3),
+            "nucls": (8.0, 1)}
+TARGETS = {10: {"detection_f1": 0.89, "weighted_f1": 0.94, "mean_class_aware_f1": 0.60},
+           30: {"detection_f1": 0.90, "weighted_f1": 0.95, "mean_class_aware_f1": 0.65}}
+
+
+@dataclass
+class Split:
+    """One dataset as a user has it: annotated images (files, no pixel size) and the classes."""
+
+    name: str
+    classes: tuple
+    trainval: list  # AnnotatedImage
+    test: list  # AnnotatedImage
+    radius_px: float  # matching radius at the images' own scale
+
+
+def resampled_endonuke(root: Path, factor: int, cache: Path) -> Path:
+    """EndoNuke's images and points resampled ``factor`` times (bilinear), written once."""
+    from PIL import Image
+    from skimage.transform import rescale
+
+    src = root / "endonuke"
+    if factor == 1:
+        return src
+    out = cache / f"endonuke-x{factor}"
+    done = out / ".complete"
+    if done.exists():
+        return out
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text((src / "classes.txt").read_text())
+    for label in sorted((src / "labels").glob("*.txt")):
+        image = src / "images" / f"{label.stem}.png"
+        rgb = np.asarray(Image.open(image).convert("RGB"))
+        big = rescale(rgb, factor, order=1, channel_axis=-1, preserve_range=True)
+        Image.fromarray(np.clip(big + 0.5, 0, 255).astype(np.uint8)).save(
+            out / "images" / f"{label.stem}.png")
+        rows = np.loadtxt(label, ndmin=2)
+        if rows.size:
+            rows[:, :2] = (rows[:, :2] + 0.5) * factor - 0.5
+        np.savetxt(out / "labels" / label.name, rows, fmt=["%.2f", "%.2f", "%d"])
+    done.touch()
+    return out
+
+
+def load_split(name: str, root: Path, cache: Path, *, max_trainval: int | None = None,
+               max_test: int | None = None) -> Split:
+    """The user's view of dataset ``name`` (see the module docstring)."""
+    from qpcell.io.project import natural_key
+    from qpcell.io.tables import import_tables
+
+    radius, factor = DATASETS[name]
+    if name.startswith("endonuke"):
+        if not (root / "endonuke" / "labels").is_dir():
+            raise QpcellError("EndoNuke not found (set QPCELL_DATA)", root / "endonuke")
+        imp = import_tables(resampled_endonuke(root, factor, cache))
+        anns = sorted(imp.images, key=lambda a: natural_key(a.name))
+        test = [a for i, a in enumerate(anns) if i % 3 == 0]
+        rest = [a for i, a in enumerate(anns) if i % 3]
+        classes = imp.classes
+    else:
+        folder = root / "nucls-example"
+        if not (folder / "train" / "labels").is_dir():
+            raise QpcellError("NuCLS example not found (set QPCELL_DATA)", folder)
+        tr, te = import_tables(folder / "train"), import_tables(folder / "test")
+        rest = sorted(tr.images, key=lambda a: natural_key(a.name))
+        test = sorted(te.images, key=lambda a: natural_key(a.name))
+        classes = tr.classes
+    return Split(name, tuple(classes), rest[:max_trainval], test[:max_test], radius * factor)
+
+
+def with_overrides(rec, overrides: Sequence[str]):
+    """The recipe with ``part.field=value`` settings changed (train, patch, mask, post, model),
+    for measuring one change at a time."""
+    parts = {"train": rec.train, "patch": rec.patch, "mask": rec.mask, "post": rec.post}
+    model = dict(rec.model_kwargs)
+    for item in overrides:
+        key, _, text = item.partition("=")
+        part, _, name = key.partition(".")
+        value = json.loads(text) if text not in ("cells", "grid", "constant", "cosine") else text
+        if part == "model":
+            model[name] = value
+        elif part in parts and hasattr(parts[part], name):
+            parts[part] = replace(parts[part], **{name: value})
+        else:
+            raise QpcellError(f"--set {item!r}: expected train.X, patch.X, mask.X, post.X or "
+                              "model.X")
+    return replace(rec, train=parts["train"], patch=parts["patch"], mask=parts["mask"],
+                   post=parts["post"], model_kwargs=model)
+
+
+def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: Path, *,
+            device: str | None = None, base: int | None = None,
+            overrides: Sequence[str] = (), model: str = "s-drdin") -> dict:
+    """Train with a time budget as ``qpcell train`` does, predict the test images, score."""
+    from qpcell.checkpoint import load_model
+    from qpcell.config import PAPER_MPP
+    from qpcell.io.slides import open_slide
+    from qpcell.metrics import score_dataset
+    from qpcell.predict import Predictor, predict_slide
+    from qpcell.recipe import recipe
+    from qpcell.train import estimate_source_mpp, train
+
+    rec = with_overrides(recipe(recipe_name, model), overrides)
+    source_mpp, info = estimate_source_mpp(split.trainval, PAPER_MPP, None)
+    # The matching radius at the model's scale: the same distance in the tissue as at test.
+    model_px = split.radius_px * (source_mpp / PAPER_MPP if source_mpp else 1.0)
+    out = workdir / f"{split.name}-{model}-{recipe_name}-{minutes:g}min-seed{seed}"
+    kwargs = dict(rec.model_kwargs)
+    if base:
+        kwargs["base"] = base
+    t0 = time.perf_counter()
+    result = train(split.trainval, split.classes, out, model_name=model,
+                   model_kwargs=kwargs, model_mpp=PAPER_MPP,
+                   train_cfg=replace(rec.train, seed=seed, time_budget_s=minutes * 60),
+                   mask_cfg=rec.mask, patch_cfg=rec.patch, post_cfg=rec.post,
+                   match_radius_px=model_px,
+                   device=device)
+    train_s = time.perf_counter() - t0
+    bundle = load_model(out, device=device)
+    predictor = Predictor.from_bundle(bundle)
+    preds = []
+    t1 = time.perf_counter()
+    for ann in split.test:
+        with open_slide(ann.image, mpp=source_mpp) as slide:
+            preds.append(predict_slide(slide, predictor.map_fn, predictor.postprocess_fn,
+                                       mpp=predictor.mpp, classes=predictor.classes,
+                                       reach_px=predictor.reach_px, tissue=False))
+    report = score_dataset(list(zip(preds, split.test, strict=True)),
+                           [c.name for c in split.classes], split.radius_px)
+    setting = bundle.meta["postprocess"]
+    return {"method": f"{split.name} {minutes:g} min", "dataset": split.name,
+            "minutes": minutes, "seed": seed, "recipe": recipe_name, "model": model,
+            "train_seconds": train_s, "predict_seconds": time.perf_counter() - t1,
+            "rounds": len(result.history), "best_round": result.best_epoch,
+            "steps": int(sum(h.steps for h in result.history)), "patches": result.n_patches,
+            "val_f1": result.val_f1, "source_mpp": info, "threshold": setting["threshold"],
+            "peak_window_px": setting["peak_window_px"], "notes": result.notes,
+            "overrides": list(overrides), "scores": scores_of(report)}
+
+
+def plot(runs: Sequence[dict], path: Path) -> None:
+    """Detection, weighted and class-aware F1 against minutes, one line per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = (("detection_f1", "detection F1"), ("weighted_f1", "weighted class F1"),
+            ("mean_class_aware_f1", "mean class-aware F1"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        for ds in dict.fromkeys(r["dataset"] for r in runs):
+            mins = sorted({r["minutes"] for r in runs if r["dataset"] == ds})
+            vals = [[r["scores"][key] for r in runs if r["dataset"] == ds and r["minutes"] == m]
+                    for m in mins]
+            ax.errorbar(mins, [np.mean(v) for v in vals],
+                        yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
+                        marker="o", capsize=3, label=f"{ds} (n={len(vals[0])})")
+        ax.set_xlabel("training budget (minutes)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", default="endonuke", help="comma-separated: "
+                   + ", ".join(DATASETS))
+    p.add_argument("--minutes", default="10", help="comma-separated training budgets")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--recipe", default="fast", help="fast (qpcell train's default) or paper")
+    p.add_argument("--device", default=None)
+    p.add_argument("--model", default="s-drdin", help="s-drdin (default) or another "
+                   "single model of the registry, e.g. unet")
+    p.add_argument("--set", action="append", default=[], metavar="PART.FIELD=VALUE",
+                   help="change one setting of the recipe (repeatable), e.g. "
+                   "patch.class_balance=0 or model.det_dice=0")
+    p.add_argument("--base", type=int, default=None, help="network width (default: the "
+                   "recipe's)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/time-to-accuracy"))
+    p.add_argument("--cache", type=Path, default=Path("runs/data-cache"),
+                   help="where the resampled EndoNuke copies are written")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="6 training and 3 test images, "
+                   "a few seconds of training, narrow network: for the tests")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    import torch
+
+    from qpcell.device import autocast_dtype, describe, pick_device
+
+    args = parse_args(argv)
+    root = data_root()
+    minutes = [float(m) for m in args.minutes.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    device = pick_device(args.device)
+    amp = autocast_dtype(device, "auto")
+    machine = {"device": describe(device), "cpu": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(),
+               "precision": "bf16" if amp == torch.bfloat16 else "fp32"}
+    print(f"time to accuracy on {machine['device']}, precision {machine['precision']}",
+          flush=True)
+    runs = []
+    for name in args.datasets.split(","):
+        if name not in DATASETS:
+            sys.exit(f"time_to_accuracy: unknown dataset {name!r}; choose from "
+                     f"{', '.join(DATASETS)}")
+        try:
+            split = load_split(name, root, args.cache,
+                               max_trainval=6 if args.smoke else None,
+                               max_test=3 if args.smoke else None)
+        except QpcellError as err:
+            sys.exit(f"time_to_accuracy: {err}")
+        for m in minutes:
+            for seed in seeds:
+                run = run_one(split, m, seed, args.recipe, args.workdir, device=args.device,
+                              base=4 if args.smoke else args.base, overrides=args.set,
+                              model=args.model)
+                runs.append(run)
+                s = run["scores"]
+                print(f"{name} {m:g} min seed {seed}: detection F1 {s['detection_f1']:.3f} "
+                      f"(P {s['detection_precision']:.3f} R {s['detection_recall']:.3f}) "
+                      f"weighted F1 {s['weighted_f1']:.3f} class-aware "
+                      f"{s['mean_class_aware_f1']:.3f}  [{run['rounds']} rounds, "
+                      f"{run['steps']} steps, {run['train_seconds']:.0f} s, thr "
+                      f"{run['threshold']}, window {run['peak_window_px']}]", flush=True)
+    summary = summarise(runs)
+    for method, stats in summary.items():
+        print(f"{method}: " + "  ".join(
+            f"{k} {stats[k]['mean']:.3f} ± {stats[k]['std']:.3f}"
+            for k in ("detection_f1", "weighted_f1", "mean_class_aware_f1")), flush=True)
+    result = {"machine": machine, "recipe": args.recipe, "date": time.strftime("%Y-%m-%d"),
+              "runs": runs, "summary": summary}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=float))
+    if args.plot:
+        plot(runs, args.plot)
+    return result
+
+
+if __name__ == "__main__":
+    main()
