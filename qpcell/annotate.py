@@ -16,7 +16,7 @@ Before the first write of a run, the data folders of the images about to change 
 project file and classes) are copied to ``<project>/qpcell-backups/<timestamp>/``.
 
 The QuPath side is an object with a handful of methods (see
-:class:`qpcell.io.qupath.PaquoWriter`); tests pass a fake, so everything here runs without
+:class:`qpcell.io.paquo.PaquoWriter`); tests pass a fake, so everything here runs without
 QuPath.
 """
 
@@ -222,7 +222,7 @@ def prediction_index(folder: str | Path) -> dict:
 
 def classes_from_index(index: Mapping) -> list[CellClass]:
     """The model's classes listed in ``predictions.json`` (names or ``{name, color}``)."""
-    from qpcell.io.qupath import argb_to_rgb
+    from qpcell.io.qupath_project import argb_to_rgb
 
     raw = index.get("classes")
     out: list[CellClass] = []
@@ -303,7 +303,7 @@ class Match:
 
     stem: str
     prediction: Path
-    image: Any  # qpcell.io.qupath.ProjectImage
+    image: Any  # qpcell.io.qupath_project.ProjectImage
 
 
 def match_predictions(files: Mapping[str, Path], images: Sequence[Any],
@@ -448,7 +448,7 @@ class Writer:
 
 def _paquo_session(project: Path, mode: str, opener: Callable | None,
                    writer_factory: Callable | None):
-    from qpcell.io import qupath as qp
+    from qpcell.io import paquo as qp
 
     opener = opener or qp.open_paquo_project
     writer_factory = writer_factory or qp.PaquoWriter
@@ -456,7 +456,7 @@ def _paquo_session(project: Path, mode: str, opener: Callable | None,
 
 
 def _paquo_version() -> str | None:
-    from qpcell.io.qupath import paquo_qupath_version
+    from qpcell.io.paquo import paquo_qupath_version
 
     return paquo_qupath_version()
 
@@ -515,7 +515,7 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
         No prediction matches an image, QuPath is missing (a real run), or a write fails.
     """
     from qpcell.io.geojson import detections_to_features
-    from qpcell.io.qupath import read_project_info, select_images
+    from qpcell.io.qupath_project import read_project_info, select_images
 
     info = read_project_info(project, image_root=image_root)
     report = AnnotateReport(project=info.path, dry_run=dry_run)

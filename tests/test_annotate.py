@@ -26,9 +26,10 @@ from qpcell.annotate import (
     read_prediction,
 )
 from qpcell.errors import QpcellError
-from qpcell.io import qupath as qp
+from qpcell.io import paquo as qp
 from qpcell.io.geojson import QPCELL_SCORE, probability_key, write_detections
-from qpcell.io.qupath import PaquoWriter, read_project_info
+from qpcell.io.paquo import PaquoWriter
+from qpcell.io.qupath_project import read_project_info
 from qpcell.points import CellClass, Detections
 
 ANDREW = "AndrewZhang419__QuPath"

@@ -93,7 +93,7 @@ def java_check() -> Check:
 
 def qupath_checks() -> list[Check]:
     """paquo and the QuPath installation it would use (no JVM is started)."""
-    from qpcell.io.qupath import find_qupath_installation
+    from qpcell.io.paquo import find_qupath_installation
 
     paquo = _version_of("paquo")
     if paquo is None:
@@ -157,7 +157,7 @@ def _fmt_size(img) -> str:
 def report_project(path: Path, image_root: list[str]) -> bool:
     """Print what the project files say; True when every image file was found."""
     from qpcell.annotate import rgb_hex
-    from qpcell.io.qupath import read_project_info
+    from qpcell.io.qupath_project import read_project_info
 
     info = read_project_info(path, image_root=image_root or None)
     console.print(f"[bold]QuPath project[/] {info.path}", highlight=False)

@@ -80,7 +80,7 @@ def predict_project(model: Path, project: Path, out: Path, *, images: list[str] 
     """Run ``model`` on every image of a QuPath project (read without Java) into ``out``."""
     from qpcell.cli.predict import run_prediction
     from qpcell.errors import QpcellError
-    from qpcell.io.qupath import image_stem, read_project_info, select_images
+    from qpcell.io.qupath_project import image_stem, read_project_info, select_images
     from qpcell.predict import PredictionJob
 
     info = read_project_info(project, image_root=image_root or None)
