@@ -12,8 +12,13 @@ What happens, per image:
    are removed, everything else (annotations, other detections) is kept, and the new
    detections are inserted in one bulk call, each inside the annotation that contains it.
 
-Before the first write of a run, the data folders of the images about to change (and the
-project file and classes) are copied to ``<project>/qpcell-backups/<timestamp>/``.
+Every option is checked, and every feature built, before anything is written. Before the first
+write of a run, the data folders of the images about to change (and the project file and
+classes) are copied to ``<project>/qpcell-backups/<timestamp>/``. QuPath (through paquo) saves
+an image's objects only if it finds the image file at the location the project stores: images
+found elsewhere (``--image-root OLD=NEW``, or moved along with the project) are relinked to
+where they are now, after the backup, and reported; images not found at all are skipped, and a
+run that would write nothing is an error.
 
 The QuPath side is an object with a handful of methods (see
 :class:`qpcell.io.paquo.PaquoWriter`); tests pass a fake, so everything here runs without
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,9 +44,26 @@ from qpcell.points import RGB, CellClass, Detections, default_color
 log = logging.getLogger("qpcell")
 
 BACKUP_DIR = "qpcell-backups"
+#: Detection outlines ``annotate-back`` writes.
+SHAPES = ("circle", "point")
 RELOAD_NOTE = ("QuPath must reload the project to show this: if it is open in QuPath, close "
                "the images (without saving them) and reopen the project; saving a stale image "
                "from QuPath would overwrite these detections.")
+
+
+def check_options(shape: str, radius_um: float, mpp: float | None = None) -> None:
+    """Raise a one-line :class:`QpcellError` for an option a real run would reject.
+
+    Called before anything is read or written, so that a dry run fails as the real run
+    would, and a real run fails before the project is backed up or changed.
+    ``radius_um`` is in µm, ``mpp`` in µm/px (``None``: not given).
+    """
+    if shape not in SHAPES:
+        raise QpcellError(f"--shape must be {' or '.join(SHAPES)}, not {shape!r}")
+    if not (isinstance(radius_um, (int, float)) and math.isfinite(radius_um) and radius_um > 0):
+        raise QpcellError(f"--radius-um {radius_um} must be a positive number of µm")
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise QpcellError(f"--mpp {mpp} must be a positive pixel size in µm/px")
 
 
 # --------------------------------------------------------------------------------------
@@ -414,6 +437,7 @@ class ImageResult:
     removed: int | None = None  # qpcell detections replaced (None: not known)
     kept: int | None = None  # other detections left as they were
     status: str = "written"
+    relinked: str | None = None  # the image file the entry was relinked to
 
 
 @dataclass
@@ -431,7 +455,7 @@ class AnnotateReport:
 
     @property
     def written(self) -> list[ImageResult]:
-        return [r for r in self.results if r.status == "written"]
+        return [r for r in self.results if r.status.startswith("written")]
 
 
 class Writer:
@@ -440,6 +464,7 @@ class Writer:
     def classes(self) -> list[CellClass]: ...  # pragma: no cover
     def add_classes(self, new: Sequence[CellClass]) -> None: ...  # pragma: no cover
     def can_save(self, entry_id: str) -> bool: ...  # pragma: no cover
+    def relink(self, entry_id: str, path: Path) -> str: ...  # pragma: no cover
     def detections(self, entry_id: str, score_key: str
                    ) -> tuple[list[Any], list[dict]]: ...  # pragma: no cover
     def replace(self, entry_id: str, remove: Sequence[Any],
@@ -502,7 +527,8 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
         Detection outline: ``"circle"`` of ``radius_um`` µm (using the image's pixel size)
         or ``"point"``.
     image_root
-        ``OLD=NEW`` remapping of moved image files (paquo saves an image only if it finds it).
+        ``OLD=NEW`` remapping of moved image files: paquo saves an image only if it finds it,
+        so entries whose files are found this way are relinked (after the backup).
     opener, writer_factory
         ``opener(project_path, mode)`` -> context manager of a paquo-like project and
         ``writer_factory(project)`` -> :class:`Writer`; defaults use paquo (tests pass fakes).
@@ -512,11 +538,13 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
     Raises
     ------
     QpcellError
-        No prediction matches an image, QuPath is missing (a real run), or a write fails.
+        A bad option, no prediction matches an image, QuPath is missing (a real run), no
+        matched image file is found (nothing would be written), or a write fails.
     """
     from qpcell.io.geojson import detections_to_features
     from qpcell.io.qupath_project import read_project_info, select_images
 
+    check_options(shape, radius_um)
     info = read_project_info(project, image_root=image_root)
     report = AnnotateReport(project=info.path, dry_run=dry_run)
     report.notes += list(info.warnings)
@@ -574,7 +602,10 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
             session, factory = _paquo_session(info.path, "r", opener, writer_factory)
             with session as qp_project:
                 writer = factory(qp_project)
-                for r in report.results:
+                for m, r in zip(matches, report.results, strict=True):
+                    if not writer.can_save(r.entry_id):
+                        r.status = ("dry run: would relink" if m.image.exists
+                                    else "would be skipped: image file not found")
                     _, stubs = writer.detections(r.entry_id, score)
                     plan = plan_replacement(stubs, [])
                     r.removed, r.kept = len(plan.remove), len(plan.keep)
@@ -599,30 +630,48 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
         report.notes += list(mapping.notes)
 
         todo: list[Match] = []
+        relink: list[Match] = []
         for m in matches:
             if writer.can_save(m.image.entry_id):
                 todo.append(m)
                 continue
-            r = result_for(m)
-            r.added = 0
-            r.status = "skipped: image file not found"
+            if m.image.exists:  # found through --image-root or beside the moved project
+                relink.append(m)
+                todo.append(m)
+                continue
+            r = ImageResult(m.image.name, m.image.entry_id, m.prediction, {}, added=0,
+                            status="skipped: image file not found")
             report.results.append(r)
             report.notes.append(
                 f"{m.image.name}: QuPath (through paquo) saves objects only for images it can "
-                f"open, and {m.image.original_path or m.image.uri} is not there; relink the "
-                f"image in QuPath, or import {m.prediction} with File > Import objects")
+                f"open, and {m.image.original_path or m.image.uri} is not there; pass "
+                "--image-root OLD=NEW (the part of the path to replace), relink the image in "
+                f"QuPath, or import {m.prediction} with File > Import objects")
         if not todo:
-            return report
+            raise QpcellError(
+                f"nothing written: none of the {len(matches)} matched image file(s) was found "
+                f"(first: {matches[0].image.original_path or matches[0].image.uri}); pass "
+                "--image-root OLD=NEW or relink the images in QuPath", info.path)
+        features = {m.image.entry_id: features_for(m, mapping) for m in todo}
         report.backup = backup_project_data(info.root, [m.image.entry_id for m in todo],
                                             stamp=stamp)
+        relinked: dict[str, str] = {}
+        for m in relink:
+            old = writer.relink(m.image.entry_id, m.image.path)
+            relinked[m.image.entry_id] = str(m.image.path)
+            report.notes.append(f"{m.image.name}: relinked in the project from {old} to "
+                                f"{m.image.path} (QuPath saves objects only for images it "
+                                "finds; the backup holds the old project file)")
         writer.add_classes(mapping.new)
         for m in todo:
-            feats = features_for(m, mapping)
             objects, stubs = writer.detections(m.image.entry_id, score)
-            plan = plan_replacement(stubs, feats)
+            plan = plan_replacement(stubs, features[m.image.entry_id])
             writer.replace(m.image.entry_id, [objects[i] for i in plan.remove], plan.add)
             r = result_for(m)
             r.added, r.removed, r.kept = len(plan.add), len(plan.remove), len(plan.keep)
+            r.relinked = relinked.get(m.image.entry_id)
+            if r.relinked:
+                r.status = "written (relinked)"
             report.results.append(r)
     report.notes.append(RELOAD_NOTE)
     return report

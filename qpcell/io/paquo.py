@@ -340,9 +340,14 @@ def replace_in_hierarchy(hierarchy: Any, remove: Sequence[Any], add: list[dict])
 class PaquoWriter:
     """The few paquo calls ``annotate-back`` makes, on a project opened by paquo.
 
-    ``project`` needs ``images`` (entries with ``entry_id``, ``image_name``, ``hierarchy``,
-    ``is_readable()``, ``save()``) and ``path_classes``; ``path_class_factory(name, color=)``
-    makes a path class (paquo's ``QuPathPathClass`` by default).
+    ``project`` needs ``images`` (entries with ``entry_id``, ``image_name``, ``uri``,
+    ``hierarchy``, ``is_readable()``, ``save()``), ``path_classes`` and
+    ``update_image_paths(uri2uri=...)``; ``path_class_factory(name, color=)`` makes a path
+    class (paquo's ``QuPathPathClass`` by default).
+
+    paquo's ``entry.save()`` writes nothing (it only logs a warning) when the file at the
+    entry's stored URI is missing: :meth:`replace` checks that first, and :meth:`relink`
+    points an entry at where its file is now.
     """
 
     project: Any
@@ -374,10 +379,38 @@ class PaquoWriter:
             log.debug("is_readable: %s", err)
             return False
 
+    def relink(self, entry_id: str, path: Path) -> str:
+        """Point the entry at the image file ``path``; returns the URI it had.
+
+        The project file is written when the project is closed (:func:`open_paquo_project`).
+        """
+        entry = self.entry(entry_id)
+        old = str(entry.uri)
+        try:
+            self.project.update_image_paths(uri2uri={old: Path(path).resolve().as_uri()})
+        except (NotImplementedError, RuntimeError, ValueError) as err:
+            raise QpcellError(f"cannot relink image {entry.image_name!r} to {path}: "
+                              f"{err}") from None
+        if not self.can_save(entry_id):
+            raise QpcellError(f"relinked image {entry.image_name!r} to {path}, but QuPath "
+                              "still cannot reach it")
+        return old
+
     def detections(self, entry_id: str, score_key: str) -> tuple[list[Any], list[dict]]:
         return existing_detection_stubs(self.entry(entry_id).hierarchy, score_key)
 
     def replace(self, entry_id: str, remove: Sequence[Any], add: list[dict]) -> None:
+        """Replace ``remove`` by ``add`` and save the image's data.
+
+        Raises
+        ------
+        QpcellError
+            If paquo could not save it (its file is not at the stored URI): paquo itself
+            would skip the save with a warning and the change would be lost.
+        """
         entry = self.entry(entry_id)
+        if not self.can_save(entry_id):
+            raise QpcellError(f"image {entry.image_name!r}: its file is not at {entry.uri}, "
+                              "so QuPath would not save its objects")
         replace_in_hierarchy(entry.hierarchy, remove, add)
         entry.save()
