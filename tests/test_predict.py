@@ -468,3 +468,20 @@ def test_overlay_skipped_for_large_images(images, tmp_path):
     assert not (tmp_path / "o" / "img0.overlay.png").exists()
     assert any("no overlay" in w for w in res[0].warnings)
     assert os.path.exists(tmp_path / "o" / "img0.geojson")
+
+
+def test_cells_found_table_names_every_column(images, tmp_path, capsys, monkeypatch):
+    """Issue 14: the last column (time, or why an image was not predicted) had no name."""
+    from qpcell.cli import _app
+    from qpcell.cli.predict import _print_table
+
+    monkeypatch.setattr(_app.console, "_width", 200)
+    out = tmp_path / "out"
+    results = predict_to_folder(images[:1], predictor(), out, tile_size=256)
+    results += predict_to_folder(images[:1], predictor(), out, tile_size=256)
+    _print_table(out, CLASSES, results)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "image" in line and "total" in line)
+    assert [c.strip() for c in header.strip("┃ ").split("┃")] == [
+        "image", "tumour", "immune", "total", "status"]
+    assert any("skipped (exists)" in line for line in lines)

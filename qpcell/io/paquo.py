@@ -242,6 +242,7 @@ def read_qupath_project(path: str | Path, *, images: Sequence[str] | None = None
     info = read_project_info(path, image_root=image_root)
     chosen = select_images(info.images, images, info.path)
     notes = notes if notes is not None else []
+    notes.extend(info.warnings)
     by_id = {img.entry_id: img for img in chosen}
     opener = opener or open_paquo_project
     loaded: list[_Loaded] = []

@@ -24,6 +24,9 @@ from qpcell.io.geojson import parse_color
 from qpcell.points import RGB, CellClass, default_color
 
 PROJECT_FILE = "project.qpproj"
+#: The newest QuPath (major, minor) whose projects qpcell is tested with: 0.5.1 through paquo
+#: in CI; 0.4 and 0.6 project files and GeoJSON through ``../shared/qupath-samples``.
+NEWEST_TESTED_QUPATH = (0, 6)
 
 # Characters that cannot be in a file name on Windows, macOS or Linux (plus control chars).
 _UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
@@ -518,8 +521,22 @@ def read_project_info(path: str | Path, *,
             mpp=pixel_size_um(md), server=provider, data_dir=data_dir,
             summary=summary if isinstance(summary, Mapping) else None))
     version = data.get("version")
+    newer = version_newer_than_tested(version)
+    if newer:
+        warnings.append(newer)
     return ProjectInfo(path=qpproj, version=str(version) if version else None,
                        images=tuple(images), classes=tuple(classes), warnings=tuple(warnings))
+
+
+def version_newer_than_tested(version: Any) -> str | None:
+    """A warning when a project was written by a QuPath newer than qpcell is tested with."""
+    m = re.match(r"(\d+)\.(\d+)", str(version or ""))
+    if m is None or (int(m.group(1)), int(m.group(2))) <= NEWEST_TESTED_QUPATH:
+        return None
+    tested = ".".join(map(str, NEWEST_TESTED_QUPATH))
+    return (f"the project was written by QuPath {version}, newer than qpcell is tested with "
+            f"(0.4-{tested}): check what qpcell reads from it, and report a problem if "
+            "something is missing")
 
 
 def select_images(images: Sequence[ProjectImage], names: Sequence[str] | None,
