@@ -537,7 +537,7 @@ def predict_cohort(jobs: Sequence[PredictionJob], model: str | Path, out: str | 
         paths = output_paths(out, job.name)
         entry = summary["images"].get(job.name) or {}
         if paths["geojson"].is_file() and not overwrite and reusable(entry, job.image,
-                                                                     model_sha):
+                                                                     model_sha, job.mpp):
             counts = entry.get("counts")
             if counts is None:
                 counts = _counts_of_geojson(paths["geojson"], predictor.classes)

@@ -614,7 +614,7 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
         paths = output_paths(out, job.name)
         entry = summary["images"].get(job.name)
         if paths["geojson"].is_file() and not overwrite and reusable(entry, job.image,
-                                                                     model_sha):
+                                                                     model_sha, job.mpp):
             counts = (entry or {}).get("counts")
             if counts is None:
                 counts = _counts_of_geojson(paths["geojson"], predictor.classes)

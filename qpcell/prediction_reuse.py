@@ -80,13 +80,17 @@ def stamp(image: str | Path, model_sha: str | None) -> dict[str, Any]:
     return {SOURCE_KEY: source_fingerprint(image), MODEL_KEY: model_sha}
 
 
-def reusable(entry: Mapping | None, image: str | Path, model_sha: str | None) -> bool:
+def reusable(entry: Mapping | None, image: str | Path, model_sha: str | None,
+             mpp: float | None = None) -> bool:
     """True iff ``entry`` (from ``predictions.json``) was made from this very file by this
-    very model: same resolved path, size and modification time, same model fingerprint.
+    very model: same resolved path, size and modification time, same model fingerprint, and
+    the pixel size ``mpp`` (µm/px) when one is asked for.
 
     Entries written before qpcell recorded these (or without an entry) are not reusable.
     """
     if not isinstance(entry, Mapping) or SOURCE_KEY not in entry:
+        return False
+    if mpp is not None and entry.get("mpp") != mpp:
         return False
     source = source_fingerprint(image)
     return source is not None and entry.get(SOURCE_KEY) == source \

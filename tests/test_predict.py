@@ -402,8 +402,15 @@ def test_a_result_is_reused_only_for_the_same_file_and_model(images, tmp_path):
     (model / "weights.safetensors").write_bytes(b"weights 2")
     res = predict_to_folder([PredictionJob("img0", other)], named(maps), out, tile_size=256)
     assert not res[0].skipped and maps.calls > 0
-    # the same path, the file changed
+    # the same file and model, asked at another pixel size
     maps.calls = 0
+    res = predict_to_folder([PredictionJob("img0", other, mpp=0.5)], named(maps), out,
+                            tile_size=256)
+    assert not res[0].skipped and maps.calls > 0
+    maps.calls = 0
+    assert predict_to_folder([PredictionJob("img0", other, mpp=0.5)], named(maps), out,
+                             tile_size=256)[0].skipped and maps.calls == 0
+    # the same path, the file changed
     other.write_bytes(images[0].image.read_bytes())
     res = predict_to_folder([PredictionJob("img0", other)], named(maps), out, tile_size=256)
     assert not res[0].skipped and maps.calls > 0 and res[0].counts == first[0].counts
