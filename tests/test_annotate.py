@@ -290,8 +290,8 @@ def world(qupath_samples, tmp_path):
     def writer_factory(project):
         return PaquoWriter(project, path_class_factory=FakePathClass)
 
-    yield dict(root=root, qpproj=qpproj, preds=preds, slides=slides, h1=h1, h2=h2, h7=h7, entries=entries,
-               classes=classes, opener=opener, writer_factory=writer_factory,
+    yield dict(root=root, qpproj=qpproj, preds=preds, slides=slides, h1=h1, h2=h2, h7=h7,
+               entries=entries, classes=classes, opener=opener, writer_factory=writer_factory,
                state=FakeProject.registry[str(qpproj)])
     FakeProject.registry.pop(str(qpproj), None)
 
