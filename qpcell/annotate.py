@@ -421,6 +421,19 @@ def backup_project_data(project_root: str | Path, entry_ids: Sequence[str], *,
     return dest
 
 
+def restore_project_data(project_root: str | Path, backup: str | Path,
+                         entry_ids: Sequence[str]) -> None:
+    """Put ``data/<id>/`` of each entry back as :func:`backup_project_data` copied it
+    (removed if the backup has none: the image had no saved data)."""
+    root, backup = Path(project_root), Path(backup)
+    for entry_id in entry_ids:
+        src, dest = backup / "data" / str(entry_id), root / "data" / str(entry_id)
+        if dest.exists():
+            shutil.rmtree(dest)
+        if src.is_dir():
+            shutil.copytree(src, dest)
+
+
 # --------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------
@@ -656,23 +669,35 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
         report.backup = backup_project_data(info.root, [m.image.entry_id for m in todo],
                                             stamp=stamp)
         relinked: dict[str, str] = {}
-        for m in relink:
-            old = writer.relink(m.image.entry_id, m.image.path)
-            relinked[m.image.entry_id] = str(m.image.path)
-            report.notes.append(f"{m.image.name}: relinked in the project from {old} to "
-                                f"{m.image.path} (QuPath saves objects only for images it "
-                                "finds; the backup holds the old project file)")
-        writer.add_classes(mapping.new)
-        for m in todo:
-            objects, stubs = writer.detections(m.image.entry_id, score)
-            plan = plan_replacement(stubs, features[m.image.entry_id])
-            writer.replace(m.image.entry_id, [objects[i] for i in plan.remove], plan.add)
-            r = result_for(m)
-            r.added, r.removed, r.kept = len(plan.add), len(plan.remove), len(plan.keep)
-            r.relinked = relinked.get(m.image.entry_id)
-            if r.relinked:
-                r.status = "written (relinked)"
-            report.results.append(r)
+        touched: list[str] = []
+        try:
+            for m in relink:
+                old = writer.relink(m.image.entry_id, m.image.path)
+                relinked[m.image.entry_id] = str(m.image.path)
+                report.notes.append(f"{m.image.name}: relinked in the project from {old} to "
+                                    f"{m.image.path} (QuPath saves objects only for images "
+                                    "it finds; the backup holds the old project file)")
+            writer.add_classes(mapping.new)
+            for m in todo:
+                objects, stubs = writer.detections(m.image.entry_id, score)
+                plan = plan_replacement(stubs, features[m.image.entry_id])
+                touched.append(m.image.entry_id)
+                writer.replace(m.image.entry_id, [objects[i] for i in plan.remove], plan.add)
+                r = result_for(m)
+                r.added, r.removed, r.kept = len(plan.add), len(plan.remove), len(plan.keep)
+                r.relinked = relinked.get(m.image.entry_id)
+                if r.relinked:
+                    r.status = "written (relinked)"
+                report.results.append(r)
+        except BaseException as err:
+            # the project file (classes, links) is saved only after a run that did not fail;
+            # the images saved so far are put back as they were
+            restore_project_data(info.root, report.backup, touched)
+            if isinstance(err, QpcellError):
+                raise QpcellError(f"{err.message} (nothing changed: the images written "
+                                  f"before were restored from {report.backup})",
+                                  err.path) from None
+            raise
     report.notes.append(RELOAD_NOTE)
     return report
 

@@ -150,11 +150,12 @@ class FakeEntry:
     ``QuPathProjectImageEntry.save``): the changes of an unreachable image are lost.
     """
 
-    def __init__(self, entry_id, name, hierarchy, uri):
+    def __init__(self, entry_id, name, hierarchy, uri, data_dir=None):
         self.entry_id = entry_id
         self.image_name = name
         self.hierarchy = hierarchy
         self.uri = uri
+        self.data_dir = data_dir
         self.saves = 0
         self.lost_saves = 0
 
@@ -165,6 +166,9 @@ class FakeEntry:
     def save(self):
         if self.is_readable():
             self.saves += 1
+            if self.data_dir is not None:  # QuPath rewrites data/<id>/data.qpdata
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                (self.data_dir / "data.qpdata").write_bytes(b"saved by the fake %d" % self.saves)
         else:
             self.lost_saves += 1
 
@@ -273,9 +277,9 @@ def world(qupath_samples, tmp_path):
                     _cell(80, 80), _cell(90, 90), _cell(400, 400)])
     h2 = FakeHierarchy()
     h7 = FakeHierarchy()
-    entries = [FakeEntry("1", "MTA3-8_GPC3 (2).svs", h1, uris["1"]),
-               FakeEntry("2", "MTA3-3_GPC3.svs", h2, uris["2"]),
-               FakeEntry("7", "MTA3-1_GPC3.svs", h7, uris["7"])]
+    entries = [FakeEntry(k, name, h, uris[k], root / "data" / k) for k, name, h in (
+        ("1", "MTA3-8_GPC3 (2).svs", h1), ("2", "MTA3-3_GPC3.svs", h2),
+        ("7", "MTA3-1_GPC3.svs", h7))]
     classes = [FakePathClass(n, c) for n, c in
                [("Tumor", (200, 0, 0)), ("Positive", (250, 62, 62)), ("Negative", (112, 112, 225))]]
     FakeProject.registry[str(qpproj)] = {"entries": entries, "classes": classes}
@@ -618,6 +622,25 @@ def test_cli_annotate_back_without_qupath(world, cli):
     # a dry run needs no QuPath
     code, out, err = cli("annotate-back", world["preds"], world["qpproj"], "--dry-run")
     assert code == 0 and "QuPath not found" in out
+
+
+def test_a_failed_write_leaves_the_project_as_it_was(world):
+    """Issue 14: the image written before the failing one is restored from the backup."""
+    class Strict(FakeHierarchy):
+        def load_geojson(self, geojson, *, raise_on_skip=False, fix_invalid=False):
+            raise ValueError("could not convert 30 annotations")
+
+    root = world["root"]
+    before = {p.relative_to(root).as_posix(): p.read_bytes()
+              for p in root.rglob("*") if p.is_file()}
+    world["entries"][0].hierarchy = Strict()
+    with pytest.raises(QpcellError, match="QuPath rejected detections.*nothing changed"):
+        _run(world, stamp="f")
+    assert world["entries"][1].saves == 1  # MTA3-3 was written first, then put back
+    after = {p.relative_to(root).as_posix(): p.read_bytes()
+             for p in root.rglob("*") if p.is_file() and "qpcell-backups" not in p.parts}
+    assert after == before
+    assert world["state"].get("saves", []) == []  # the project file was not saved
 
 
 def test_other_tools_detections_are_kept(world):
