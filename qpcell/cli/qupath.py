@@ -115,10 +115,10 @@ def annotate_back_command(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="With --model: predict again images already predicted.")] = False,
     mpp: Annotated[float | None, typer.Option(
-        "--mpp", help="With --model: pixel size (µm/px) of the images, overriding what the "
-        "project says (for images QuPath has no pixel size for).")] = None,
+        "--mpp", help="With --model: the images' pixel size in µm/px, in place of what the "
+        "project says (for images QuPath has none for).")] = None,
     images: Annotated[list[str] | None, typer.Option(
-        "--images", help="Only these images (name, or name without extension); "
+        "--images", help="Only these images (name, name without extension, or entry ID); "
         "comma-separated or repeated.")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Show what would change, write nothing (works without "
