@@ -109,7 +109,7 @@ if (RUN_TRAINING) {
 
 // ---- helpers (the same in qpcell-detect.groovy) -----------------------------------------
 
-/** The image name without extension, safe as a file name (qpcell.io.qupath.image_stem). */
+/** The image name without extension, safe as a file name (qpcell.io.qupath_project.image_stem). */
 static String safeStem(String name) {
     String stem = name.replaceFirst("(?i)\\.ome\\.(tiff?|zarr|btf)\$", "")
     if (stem == name)

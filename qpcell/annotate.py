@@ -12,11 +12,16 @@ What happens, per image:
    are removed, everything else (annotations, other detections) is kept, and the new
    detections are inserted in one bulk call, each inside the annotation that contains it.
 
-Before the first write of a run, the data folders of the images about to change (and the
-project file and classes) are copied to ``<project>/qpcell-backups/<timestamp>/``.
+Every option is checked, and every feature built, before anything is written. Before the first
+write of a run, the data folders of the images about to change (and the project file and
+classes) are copied to ``<project>/qpcell-backups/<timestamp>/``. QuPath (through paquo) saves
+an image's objects only if it finds the image file at the location the project stores: images
+found elsewhere (``--image-root OLD=NEW``, or moved along with the project) are relinked to
+where they are now, after the backup, and reported; images not found at all are skipped, and a
+run that would write nothing is an error.
 
 The QuPath side is an object with a handful of methods (see
-:class:`qpcell.io.qupath.PaquoWriter`); tests pass a fake, so everything here runs without
+:class:`qpcell.io.paquo.PaquoWriter`); tests pass a fake, so everything here runs without
 QuPath.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,9 +44,26 @@ from qpcell.points import RGB, CellClass, Detections, default_color
 log = logging.getLogger("qpcell")
 
 BACKUP_DIR = "qpcell-backups"
+#: Detection outlines ``annotate-back`` writes.
+SHAPES = ("circle", "point")
 RELOAD_NOTE = ("QuPath must reload the project to show this: if it is open in QuPath, close "
                "the images (without saving them) and reopen the project; saving a stale image "
                "from QuPath would overwrite these detections.")
+
+
+def check_options(shape: str, radius_um: float, mpp: float | None = None) -> None:
+    """Raise a one-line :class:`QpcellError` for an option a real run would reject.
+
+    Called before anything is read or written, so that a dry run fails as the real run
+    would, and a real run fails before the project is backed up or changed.
+    ``radius_um`` is in µm, ``mpp`` in µm/px (``None``: not given).
+    """
+    if shape not in SHAPES:
+        raise QpcellError(f"--shape must be {' or '.join(SHAPES)}, not {shape!r}")
+    if not (isinstance(radius_um, (int, float)) and math.isfinite(radius_um) and radius_um > 0):
+        raise QpcellError(f"--radius-um {radius_um} must be a positive number of µm")
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise QpcellError(f"--mpp {mpp} must be a positive pixel size in µm/px")
 
 
 # --------------------------------------------------------------------------------------
@@ -222,7 +245,7 @@ def prediction_index(folder: str | Path) -> dict:
 
 def classes_from_index(index: Mapping) -> list[CellClass]:
     """The model's classes listed in ``predictions.json`` (names or ``{name, color}``)."""
-    from qpcell.io.qupath import argb_to_rgb
+    from qpcell.io.qupath_project import argb_to_rgb
 
     raw = index.get("classes")
     out: list[CellClass] = []
@@ -303,7 +326,7 @@ class Match:
 
     stem: str
     prediction: Path
-    image: Any  # qpcell.io.qupath.ProjectImage
+    image: Any  # qpcell.io.qupath_project.ProjectImage
 
 
 def match_predictions(files: Mapping[str, Path], images: Sequence[Any],
@@ -398,6 +421,19 @@ def backup_project_data(project_root: str | Path, entry_ids: Sequence[str], *,
     return dest
 
 
+def restore_project_data(project_root: str | Path, backup: str | Path,
+                         entry_ids: Sequence[str]) -> None:
+    """Put ``data/<id>/`` of each entry back as :func:`backup_project_data` copied it
+    (removed if the backup has none: the image had no saved data)."""
+    root, backup = Path(project_root), Path(backup)
+    for entry_id in entry_ids:
+        src, dest = backup / "data" / str(entry_id), root / "data" / str(entry_id)
+        if dest.exists():
+            shutil.rmtree(dest)
+        if src.is_dir():
+            shutil.copytree(src, dest)
+
+
 # --------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------
@@ -414,6 +450,7 @@ class ImageResult:
     removed: int | None = None  # qpcell detections replaced (None: not known)
     kept: int | None = None  # other detections left as they were
     status: str = "written"
+    relinked: str | None = None  # the image file the entry was relinked to
 
 
 @dataclass
@@ -431,7 +468,7 @@ class AnnotateReport:
 
     @property
     def written(self) -> list[ImageResult]:
-        return [r for r in self.results if r.status == "written"]
+        return [r for r in self.results if r.status.startswith("written")]
 
 
 class Writer:
@@ -440,6 +477,7 @@ class Writer:
     def classes(self) -> list[CellClass]: ...  # pragma: no cover
     def add_classes(self, new: Sequence[CellClass]) -> None: ...  # pragma: no cover
     def can_save(self, entry_id: str) -> bool: ...  # pragma: no cover
+    def relink(self, entry_id: str, path: Path) -> str: ...  # pragma: no cover
     def detections(self, entry_id: str, score_key: str
                    ) -> tuple[list[Any], list[dict]]: ...  # pragma: no cover
     def replace(self, entry_id: str, remove: Sequence[Any],
@@ -448,7 +486,7 @@ class Writer:
 
 def _paquo_session(project: Path, mode: str, opener: Callable | None,
                    writer_factory: Callable | None):
-    from qpcell.io import qupath as qp
+    from qpcell.io import paquo as qp
 
     opener = opener or qp.open_paquo_project
     writer_factory = writer_factory or qp.PaquoWriter
@@ -456,7 +494,7 @@ def _paquo_session(project: Path, mode: str, opener: Callable | None,
 
 
 def _paquo_version() -> str | None:
-    from qpcell.io.qupath import paquo_qupath_version
+    from qpcell.io.paquo import paquo_qupath_version
 
     return paquo_qupath_version()
 
@@ -502,7 +540,8 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
         Detection outline: ``"circle"`` of ``radius_um`` µm (using the image's pixel size)
         or ``"point"``.
     image_root
-        ``OLD=NEW`` remapping of moved image files (paquo saves an image only if it finds it).
+        ``OLD=NEW`` remapping of moved image files: paquo saves an image only if it finds it,
+        so entries whose files are found this way are relinked (after the backup).
     opener, writer_factory
         ``opener(project_path, mode)`` -> context manager of a paquo-like project and
         ``writer_factory(project)`` -> :class:`Writer`; defaults use paquo (tests pass fakes).
@@ -512,11 +551,13 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
     Raises
     ------
     QpcellError
-        No prediction matches an image, QuPath is missing (a real run), or a write fails.
+        A bad option, no prediction matches an image, QuPath is missing (a real run), no
+        matched image file is found (nothing would be written), or a write fails.
     """
     from qpcell.io.geojson import detections_to_features
-    from qpcell.io.qupath import read_project_info, select_images
+    from qpcell.io.qupath_project import read_project_info, select_images
 
+    check_options(shape, radius_um)
     info = read_project_info(project, image_root=image_root)
     report = AnnotateReport(project=info.path, dry_run=dry_run)
     report.notes += list(info.warnings)
@@ -574,7 +615,10 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
             session, factory = _paquo_session(info.path, "r", opener, writer_factory)
             with session as qp_project:
                 writer = factory(qp_project)
-                for r in report.results:
+                for m, r in zip(matches, report.results, strict=True):
+                    if not writer.can_save(r.entry_id):
+                        r.status = ("dry run: would relink" if m.image.exists
+                                    else "would be skipped: image file not found")
                     _, stubs = writer.detections(r.entry_id, score)
                     plan = plan_replacement(stubs, [])
                     r.removed, r.kept = len(plan.remove), len(plan.keep)
@@ -599,31 +643,61 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
         report.notes += list(mapping.notes)
 
         todo: list[Match] = []
+        relink: list[Match] = []
         for m in matches:
             if writer.can_save(m.image.entry_id):
                 todo.append(m)
                 continue
-            r = result_for(m)
-            r.added = 0
-            r.status = "skipped: image file not found"
+            if m.image.exists:  # found through --image-root or beside the moved project
+                relink.append(m)
+                todo.append(m)
+                continue
+            r = ImageResult(m.image.name, m.image.entry_id, m.prediction, {}, added=0,
+                            status="skipped: image file not found")
             report.results.append(r)
             report.notes.append(
                 f"{m.image.name}: QuPath (through paquo) saves objects only for images it can "
-                f"open, and {m.image.original_path or m.image.uri} is not there; relink the "
-                f"image in QuPath, or import {m.prediction} with File > Import objects")
+                f"open, and {m.image.original_path or m.image.uri} is not there; pass "
+                "--image-root OLD=NEW (the part of the path to replace), relink the image in "
+                f"QuPath, or import {m.prediction} with File > Import objects")
         if not todo:
-            return report
+            raise QpcellError(
+                f"nothing written: none of the {len(matches)} matched image file(s) was found "
+                f"(first: {matches[0].image.original_path or matches[0].image.uri}); pass "
+                "--image-root OLD=NEW or relink the images in QuPath", info.path)
+        features = {m.image.entry_id: features_for(m, mapping) for m in todo}
         report.backup = backup_project_data(info.root, [m.image.entry_id for m in todo],
                                             stamp=stamp)
-        writer.add_classes(mapping.new)
-        for m in todo:
-            feats = features_for(m, mapping)
-            objects, stubs = writer.detections(m.image.entry_id, score)
-            plan = plan_replacement(stubs, feats)
-            writer.replace(m.image.entry_id, [objects[i] for i in plan.remove], plan.add)
-            r = result_for(m)
-            r.added, r.removed, r.kept = len(plan.add), len(plan.remove), len(plan.keep)
-            report.results.append(r)
+        relinked: dict[str, str] = {}
+        touched: list[str] = []
+        try:
+            for m in relink:
+                old = writer.relink(m.image.entry_id, m.image.path)
+                relinked[m.image.entry_id] = str(m.image.path)
+                report.notes.append(f"{m.image.name}: relinked in the project from {old} to "
+                                    f"{m.image.path} (QuPath saves objects only for images "
+                                    "it finds; the backup holds the old project file)")
+            writer.add_classes(mapping.new)
+            for m in todo:
+                objects, stubs = writer.detections(m.image.entry_id, score)
+                plan = plan_replacement(stubs, features[m.image.entry_id])
+                touched.append(m.image.entry_id)
+                writer.replace(m.image.entry_id, [objects[i] for i in plan.remove], plan.add)
+                r = result_for(m)
+                r.added, r.removed, r.kept = len(plan.add), len(plan.remove), len(plan.keep)
+                r.relinked = relinked.get(m.image.entry_id)
+                if r.relinked:
+                    r.status = "written (relinked)"
+                report.results.append(r)
+        except BaseException as err:
+            # the project file (classes, links) is saved only after a run that did not fail;
+            # the images saved so far are put back as they were
+            restore_project_data(info.root, report.backup, touched)
+            if isinstance(err, QpcellError):
+                raise QpcellError(f"{err.message} (nothing changed: the images written "
+                                  f"before were restored from {report.backup})",
+                                  err.path) from None
+            raise
     report.notes.append(RELOAD_NOTE)
     return report
 

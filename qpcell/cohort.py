@@ -63,6 +63,7 @@ from qpcell.predict import (
     settle_pixel_size,
     start_summary,
 )
+from qpcell.prediction_reuse import predictor_fingerprint, reusable, stamp
 
 #: Slides with more tiles than this (after skipping empty ones) are split into blocks.
 DEFAULT_BLOCK_TILES = 256
@@ -532,10 +533,12 @@ def predict_cohort(jobs: Sequence[PredictionJob], model: str | Path, out: str | 
             queue.add(future)
         return future
 
+    model_sha = predictor_fingerprint(predictor)
     for index, job in enumerate(jobs):
         paths = output_paths(out, job.name)
-        if paths["geojson"].is_file() and not overwrite:
-            entry = summary["images"].get(job.name) or {}
+        entry = summary["images"].get(job.name) or {}
+        if paths["geojson"].is_file() and not overwrite and reusable(entry, job.image,
+                                                                     model_sha, job.mpp):
             counts = entry.get("counts")
             if counts is None:
                 counts = _counts_of_geojson(paths["geojson"], predictor.classes)
@@ -573,7 +576,8 @@ def predict_cohort(jobs: Sequence[PredictionJob], model: str | Path, out: str | 
                 continue
             result = replace(value.result, image=job.image, outputs={
                 k: out / Path(v).name for k, v in value.result.outputs.items()})
-            summary["images"][job.name] = {**value.entry, "image": str(job.image)}
+            summary["images"][job.name] = {**value.entry, "image": str(job.image),
+                                           **stamp(job.image, model_sha)}
             write_json(summary_path, summary)
             items[index] = result
             emit(CohortEvent("done", job.name, index, n, result=result))

@@ -22,10 +22,12 @@ The output folder
 ``predict_to_folder`` writes, per image ``<stem>``: ``<stem>.csv``, ``<stem>.overlay.png``
 (images up to :data:`~qpcell.io.outputs.OVERLAY_MAX_PIXELS` only) and, **last**,
 ``<stem>.geojson``, which marks the image as done: a re-run skips images whose GeoJSON exists
-(unless ``overwrite``), and an interrupted image (no GeoJSON) is simply predicted again. Before
-an image is (re)predicted its old GeoJSON is removed, so a marker never vouches for files of an
-earlier run. Every file is written atomically. The CSV and GeoJSON are streamed, tile by tile,
-into their temporary files, so the cells of a slide are never all held in memory.
+and was made from the same image file by the same model weights (unless ``overwrite``; see
+:mod:`qpcell.prediction_reuse`), and an interrupted image (no GeoJSON) is simply predicted
+again. Before an image is (re)predicted its old GeoJSON is removed, so a marker never vouches
+for files of an earlier run. Every file is written atomically. The CSV and GeoJSON are
+streamed, tile by tile, into their temporary files, so the cells of a slide are never all held
+in memory.
 ``predictions.json`` (model, classes, pixel sizes, counts per image) is rewritten after each
 image.
 """
@@ -66,6 +68,7 @@ from qpcell.io.outputs import (
 from qpcell.io.project import ANNOTATION_SUFFIX, read_project, scan_images, split_image_name
 from qpcell.io.slides import Slide, open_slide, to_full_res
 from qpcell.points import CellClass, Detections
+from qpcell.prediction_reuse import predictor_fingerprint, reusable, stamp
 
 MapFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 """``tiles (B, h, w, 3) uint8 -> (det (B, h, w) float32, cls (B, C, h, w) float32 | None)``."""
@@ -631,10 +634,12 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
     limit = OVERLAY_MAX_PIXELS if overlay_max_pixels is None else overlay_max_pixels
     emit = on_event or (lambda event: None)
     results: list[ImageResult] = []
+    model_sha = predictor_fingerprint(predictor)
     for index, job in enumerate(jobs):
         paths = output_paths(out, job.name)
         entry = summary["images"].get(job.name)
-        if paths["geojson"].is_file() and not overwrite:
+        if paths["geojson"].is_file() and not overwrite and reusable(entry, job.image,
+                                                                     model_sha, job.mpp):
             counts = (entry or {}).get("counts")
             if counts is None:
                 counts = _counts_of_geojson(paths["geojson"], predictor.classes)
@@ -694,7 +699,8 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
                 "size": [slide.width, slide.height], "regions": job.regions is not None,
                 "tiles": len(plan), "tiles_total": plan.n_total, "n_cells": res.n_cells,
                 "counts": res.counts, "seconds": round(res.seconds, 3),
-                "outputs": {k: p.name for k, p in written.items()}, "warnings": warns}
+                "outputs": {k: p.name for k, p in written.items()}, "warnings": warns,
+                **stamp(job.image, model_sha)}
         write_json(summary_path, summary)
         results.append(res)
         emit(PredictEvent("done", job.name, index, len(jobs), len(plan), len(plan), res))

@@ -25,6 +25,51 @@ def samples_root() -> Path:
     return REPO.parent / "shared" / "qupath-samples"
 
 
+def headless_qupath_root() -> Path:
+    """``../shared/qupath-headless``: QuPath 0.5.1's core for tests (``setup --env`` first)."""
+    return REPO.parent / "shared" / "qupath-headless"
+
+
+def in_ci() -> bool:
+    """True where the environment says CI (``CI=true``, as CI services and ``.ci/run`` set)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_or_fail_in_ci(reason: str) -> None:
+    """Skip with ``reason``; in CI fail instead, since there the real-QuPath tests must run."""
+    if in_ci():
+        pytest.fail(f"CI must run the real-QuPath tests, but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def real_qupath():
+    """The QuPath installation paquo uses (``PAQUO_QUPATH_DIR``); skips (fails in CI) without.
+
+    ``scripts/test`` and ``.ci/run`` export it from ``../shared/qupath-headless/setup --env``.
+    """
+    from qpcell.io.paquo import find_qupath_installation
+
+    found = find_qupath_installation()
+    if not found.found:
+        skip_or_fail_in_ci(
+            f"no QuPath installation found ({found.detail}); install QuPath 0.4-0.6 and set "
+            'PAQUO_QUPATH_DIR, or eval "$(../shared/qupath-headless/setup --env)"')
+    return found
+
+
+@pytest.fixture(scope="session")
+def qupath_script_runner(real_qupath) -> Path:
+    """``run-script`` of ``../shared/qupath-headless``: runs a QuPath Groovy script on a
+    project image headless, as the script editor's "Run" does, then saves the image."""
+    run = headless_qupath_root() / "run-script"
+    if not run.is_file():
+        skip_or_fail_in_ci(f"{run} not found (the headless QuPath of ../shared)")
+    if not Path("/usr/share/groovy/lib").is_dir():
+        skip_or_fail_in_ci("run-script needs Debian's groovy package (apt-get install groovy)")
+    return run
+
+
 @pytest.fixture
 def endonuke() -> Path:
     root = data_root() / "endonuke"

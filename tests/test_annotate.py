@@ -26,9 +26,10 @@ from qpcell.annotate import (
     read_prediction,
 )
 from qpcell.errors import QpcellError
-from qpcell.io import qupath as qp
+from qpcell.io import paquo as qp
 from qpcell.io.geojson import QPCELL_SCORE, probability_key, write_detections
-from qpcell.io.qupath import PaquoWriter, read_project_info
+from qpcell.io.paquo import PaquoWriter
+from qpcell.io.qupath_project import read_project_info, uri_to_path
 from qpcell.points import CellClass, Detections
 
 ANDREW = "AndrewZhang419__QuPath"
@@ -142,20 +143,34 @@ class FakeHierarchy:
 
 
 class FakeEntry:
-    """paquo.images.QuPathProjectImageEntry."""
+    """paquo.images.QuPathProjectImageEntry, as paquo 0.9 behaves.
 
-    def __init__(self, entry_id, name, hierarchy, readable=True):
+    ``uri`` is the image URI the project stores; ``is_readable()`` is whether a file is there;
+    ``save()`` writes only then, and otherwise only logs a warning (paquo's
+    ``QuPathProjectImageEntry.save``): the changes of an unreachable image are lost.
+    """
+
+    def __init__(self, entry_id, name, hierarchy, uri, data_dir=None):
         self.entry_id = entry_id
         self.image_name = name
         self.hierarchy = hierarchy
-        self.readable = readable
+        self.uri = uri
+        self.data_dir = data_dir
         self.saves = 0
+        self.lost_saves = 0
 
     def is_readable(self):
-        return self.readable
+        path = uri_to_path(self.uri)
+        return path is not None and Path(path).is_file()
 
     def save(self):
-        self.saves += 1
+        if self.is_readable():
+            self.saves += 1
+            if self.data_dir is not None:  # QuPath rewrites data/<id>/data.qpdata
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                (self.data_dir / "data.qpdata").write_bytes(b"saved by the fake %d" % self.saves)
+        else:
+            self.lost_saves += 1
 
 
 class FakeProject:
@@ -187,6 +202,13 @@ class FakeProject:
     def save(self, images=True):
         assert self.mode != "r"
         self.saves.append(images)
+
+    def update_image_paths(self, *, try_relative=False, uri2uri=None):
+        """paquo: every entry whose URI is a key of ``uri2uri`` gets the new URI."""
+        assert self.mode != "r"
+        for entry in self.images:
+            if entry.uri in (uri2uri or {}):
+                entry.uri = uri2uri[entry.uri]
 
 
 # ------------------------------------------------------------------------- fixtures
@@ -223,10 +245,23 @@ def _detections(n, seed=0, offset=(100.0, 100.0)):
 
 @pytest.fixture
 def world(qupath_samples, tmp_path):
-    """A copy of the 0.5.1 sample project, predictions for two of its images, fake paquo."""
+    """A copy of the 0.5.1 sample project, predictions for two of its images, fake paquo.
+
+    The project's image URIs are rewritten to two stand-in slide files in ``slides`` (the
+    third image stays on its author's computer), as paquo needs the files to save.
+    """
     root = tmp_path / "project"
     shutil.copytree(qupath_samples / ANDREW, root)
     qpproj = root / "project.qpproj"
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("MTA3-8_GPC3 (2).svs", "MTA3-3_GPC3.svs"):
+        (slides / name).write_bytes(b"stand-in")
+    for path in [qpproj, *root.glob("data/*/server.json")]:
+        text = path.read_text(encoding="utf-8")
+        path.write_text(text.replace("file:/Users/shuningliu/Downloads/",
+                                     slides.as_uri() + "/"), encoding="utf-8")
+    uris = {img.entry_id: img.uri for img in read_project_info(qpproj).images}
     preds = tmp_path / "predictions"
     preds.mkdir()
     write_detections(preds / "MTA3-8_GPC3 (2).geojson", _detections(30, seed=1))
@@ -242,8 +277,9 @@ def world(qupath_samples, tmp_path):
                     _cell(80, 80), _cell(90, 90), _cell(400, 400)])
     h2 = FakeHierarchy()
     h7 = FakeHierarchy()
-    entries = [FakeEntry("1", "MTA3-8_GPC3 (2).svs", h1), FakeEntry("2", "MTA3-3_GPC3.svs", h2),
-               FakeEntry("7", "MTA3-1_GPC3.svs", h7)]
+    entries = [FakeEntry(k, name, h, uris[k], root / "data" / k) for k, name, h in (
+        ("1", "MTA3-8_GPC3 (2).svs", h1), ("2", "MTA3-3_GPC3.svs", h2),
+        ("7", "MTA3-1_GPC3.svs", h7))]
     classes = [FakePathClass(n, c) for n, c in
                [("Tumor", (200, 0, 0)), ("Positive", (250, 62, 62)), ("Negative", (112, 112, 225))]]
     FakeProject.registry[str(qpproj)] = {"entries": entries, "classes": classes}
@@ -258,8 +294,8 @@ def world(qupath_samples, tmp_path):
     def writer_factory(project):
         return PaquoWriter(project, path_class_factory=FakePathClass)
 
-    yield dict(root=root, qpproj=qpproj, preds=preds, h1=h1, h2=h2, h7=h7, entries=entries,
-               classes=classes, opener=opener, writer_factory=writer_factory,
+    yield dict(root=root, qpproj=qpproj, preds=preds, slides=slides, h1=h1, h2=h2, h7=h7,
+               entries=entries, classes=classes, opener=opener, writer_factory=writer_factory,
                state=FakeProject.registry[str(qpproj)])
     FakeProject.registry.pop(str(qpproj), None)
 
@@ -466,13 +502,50 @@ def test_annotate_back_no_match_is_an_error(world):
 
 
 def test_annotate_back_skips_images_paquo_cannot_save(world):
-    world["entries"][1].readable = False
+    (world["slides"] / "MTA3-3_GPC3.svs").unlink()
     report = _run(world, stamp="u")
     skipped = next(r for r in report.results if r.entry_id == "2")
     assert skipped.status.startswith("skipped") and skipped.added == 0
+    assert skipped.counts == {}  # no per-class counts for cells that were not written
     assert world["h2"].calls == []
-    assert any("relink the image in QuPath" in n for n in report.notes)
+    assert any("relink the image in QuPath" in n and "--image-root" in n for n in report.notes)
     assert not (world["root"] / "qpcell-backups" / "u" / "data" / "2").exists()
+    assert [r.entry_id for r in report.written] == ["1"]
+
+
+def test_moved_images_are_relinked_with_image_root(world, tmp_path):
+    """Issue 14, bug 1: --image-root OLD=NEW made paquo's save() a silent no-op."""
+    moved = tmp_path / "moved"
+    world["slides"].rename(moved)
+    with pytest.raises(QpcellError, match="nothing written: none of the 2 matched image"):
+        _run(world, stamp="x")  # not found anywhere: an error, not an empty success
+    assert world["state"].get("class_sets", []) == []
+    assert not (world["root"] / "qpcell-backups" / "x").exists()
+
+    report = _run(world, stamp="m", image_root=[f"{world['slides']}={moved}"])
+    assert [r.status for r in report.results] == ["written (relinked)"] * 2
+    assert {r.relinked for r in report.results} == {str(moved / "MTA3-8_GPC3 (2).svs"),
+                                                    str(moved / "MTA3-3_GPC3.svs")}
+    one, two, seven = world["entries"]
+    assert (one.saves, one.lost_saves, two.saves, two.lost_saves) == (1, 0, 1, 0)
+    assert uri_to_path(one.uri) == moved / "MTA3-8_GPC3 (2).svs"
+    assert seven.uri.startswith("file:/Users/")  # not matched: left as it was
+    assert len(world["h1"].qpcell_detections()) == 30
+    assert sum("relinked in the project" in n for n in report.notes) == 2
+    # the backup was taken before the project file changed
+    backup = (world["root"] / "qpcell-backups" / "m" / "project.qpproj").read_text()
+    assert world["slides"].as_uri() in backup
+
+
+def test_bad_options_fail_before_anything_is_touched(world):
+    """Issue 14, bug 5: the dry run accepted them; the real run failed half-way."""
+    for kwargs, message in (({"shape": "square"}, "--shape must be circle or point"),
+                            ({"radius_um": -3.0}, "--radius-um -3.0 must be a positive"),
+                            ({"radius_um": float("nan")}, "must be a positive")):
+        for dry_run in (True, False):
+            with pytest.raises(QpcellError, match=message):
+                _run(world, dry_run=dry_run, stamp="bad", **kwargs)
+    assert "opened" not in world["state"] and not (world["root"] / "qpcell-backups").exists()
 
 
 def test_dry_run_changes_nothing(world):
@@ -549,6 +622,25 @@ def test_cli_annotate_back_without_qupath(world, cli):
     # a dry run needs no QuPath
     code, out, err = cli("annotate-back", world["preds"], world["qpproj"], "--dry-run")
     assert code == 0 and "QuPath not found" in out
+
+
+def test_a_failed_write_leaves_the_project_as_it_was(world):
+    """Issue 14: the image written before the failing one is restored from the backup."""
+    class Strict(FakeHierarchy):
+        def load_geojson(self, geojson, *, raise_on_skip=False, fix_invalid=False):
+            raise ValueError("could not convert 30 annotations")
+
+    root = world["root"]
+    before = {p.relative_to(root).as_posix(): p.read_bytes()
+              for p in root.rglob("*") if p.is_file()}
+    world["entries"][0].hierarchy = Strict()
+    with pytest.raises(QpcellError, match="QuPath rejected detections.*nothing changed"):
+        _run(world, stamp="f")
+    assert world["entries"][1].saves == 1  # MTA3-3 was written first, then put back
+    after = {p.relative_to(root).as_posix(): p.read_bytes()
+             for p in root.rglob("*") if p.is_file() and "qpcell-backups" not in p.parts}
+    assert after == before
+    assert world["state"].get("saves", []) == []  # the project file was not saved
 
 
 def test_other_tools_detections_are_kept(world):

@@ -68,6 +68,9 @@ def test_project_report_on_every_sample(cli, wide, qupath_samples, rel):
     assert f"written by QuPath {version}; {n_images} image(s)" in out
     assert "missing" in out  # the images are on the authors' computers
     assert "--image-root" in out
+    # issue 14: a project of a QuPath newer than those tested says so
+    newer = f"written by QuPath {version}, newer than qpcell is tested with (0.4-0.6)"
+    assert (newer in out) == version.startswith("0.7"), out
 
 
 def test_project_report_details(cli, wide, qupath_samples, tmp_path):

@@ -1,8 +1,9 @@
 """Reading and writing a real QuPath project through paquo (QuPath's own Java code).
 
 These run only where paquo finds a QuPath installation (PAQUO_QUPATH_DIR, .paquo.toml or
-paquo's default folders; ``qpcell doctor`` shows what it finds). Elsewhere the same code
-paths run against fakes in test_annotate.py and test_qupath_project.py.
+paquo's default folders; ``qpcell doctor`` shows what it finds); in CI they must run (see
+the ``real_qupath`` fixture). Elsewhere the same code paths run against fakes in
+test_annotate.py and test_qupath_project.py.
 """
 
 from __future__ import annotations
@@ -10,13 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qpcell.io.qupath import find_qupath_installation
-
-QUPATH = find_qupath_installation()
-pytestmark = pytest.mark.skipif(
-    not QUPATH.found,
-    reason="no QuPath installation found (install QuPath 0.4-0.6 and set PAQUO_QUPATH_DIR "
-           f"to run the real-paquo tests): {QUPATH.detail}")
+pytestmark = pytest.mark.usefixtures("real_qupath")
 
 POSITIVE = [(100.0, 120.0), (140.0, 160.0), (200.0, 210.0), (260.0, 300.0)]
 NEGATIVE = [(320.0, 330.0), (350.0, 90.0)]

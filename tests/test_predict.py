@@ -347,10 +347,11 @@ def test_rerun_skips_and_overwrite_redoes(images, tmp_path):
     assert [r.counts for r in again] == [r.counts for r in first]
     assert [e.kind for e in events] == ["skip", "skip"]
     assert snapshot(out) == before
-    # without predictions.json the counts come from the GeoJSON files
+    # without predictions.json nothing says which image and model made the files: redone
     (out / "predictions.json").unlink()
     again = predict_to_folder(images, predictor(maps), out, tile_size=256)
-    assert [r.counts for r in again] == [r.counts for r in first] and maps.calls == 0
+    assert [r.counts for r in again] == [r.counts for r in first] and maps.calls == 3
+    maps.calls = 0
     # --overwrite predicts again and rewrites every file
     before = snapshot(out)
     events = []
@@ -367,6 +368,52 @@ def test_rerun_skips_and_overwrite_redoes(images, tmp_path):
     other = Predictor(fake_maps, fake_post(), CLASSES, None, name="other-model")
     with pytest.raises(QpcellError, match="another model"):
         predict_to_folder(images, other, out)
+
+
+def test_a_result_is_reused_only_for_the_same_file_and_model(images, tmp_path):
+    """Issue 14: another image of the same name, or a model retrained into the same folder,
+    must not get the cells predicted before."""
+    out = tmp_path / "out"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}", encoding="utf-8")
+    (model / "weights.safetensors").write_bytes(b"weights 1")
+
+    def named(maps=fake_maps):
+        return Predictor(maps, fake_post(), CLASSES, None, CFG.reach_px, name=str(model))
+
+    first = predict_to_folder(images[:1], named(), out, tile_size=256)
+    maps = CountingMaps()
+    assert predict_to_folder(images[:1], named(maps), out, tile_size=256)[0].skipped
+    assert maps.calls == 0
+    # dirB/img0.png: another image of the same name
+    other = tmp_path / "dirB" / "img0.png"
+    other.parent.mkdir()
+    other.write_bytes(images[1].image.read_bytes())
+    res = predict_to_folder([PredictionJob("img0", other)], named(maps), out, tile_size=256)
+    assert not res[0].skipped and maps.calls > 0
+    assert res[0].counts != first[0].counts
+    recorded = json.loads((out / "predictions.json").read_text())["images"]["img0"]
+    assert recorded["image"] == str(other) and recorded["source"]["path"] == str(other.resolve())
+    # the same file, the model retrained into the same folder
+    maps.calls = 0
+    assert predict_to_folder([PredictionJob("img0", other)], named(maps), out,
+                             tile_size=256)[0].skipped
+    (model / "weights.safetensors").write_bytes(b"weights 2")
+    res = predict_to_folder([PredictionJob("img0", other)], named(maps), out, tile_size=256)
+    assert not res[0].skipped and maps.calls > 0
+    # the same file and model, asked at another pixel size
+    maps.calls = 0
+    res = predict_to_folder([PredictionJob("img0", other, mpp=0.5)], named(maps), out,
+                            tile_size=256)
+    assert not res[0].skipped and maps.calls > 0
+    maps.calls = 0
+    assert predict_to_folder([PredictionJob("img0", other, mpp=0.5)], named(maps), out,
+                             tile_size=256)[0].skipped and maps.calls == 0
+    # the same path, the file changed
+    other.write_bytes(images[0].image.read_bytes())
+    res = predict_to_folder([PredictionJob("img0", other)], named(maps), out, tile_size=256)
+    assert not res[0].skipped and maps.calls > 0 and res[0].counts == first[0].counts
 
 
 def test_interrupted_run_leaves_no_half_written_file(images, tmp_path, monkeypatch):
@@ -428,3 +475,20 @@ def test_overlay_skipped_for_large_images(images, tmp_path):
     assert not (tmp_path / "o" / "img0.overlay.png").exists()
     assert any("no overlay" in w for w in res[0].warnings)
     assert os.path.exists(tmp_path / "o" / "img0.geojson")
+
+
+def test_cells_found_table_names_every_column(images, tmp_path, capsys, monkeypatch):
+    """Issue 14: the last column (time, or why an image was not predicted) had no name."""
+    from qpcell.cli import _app
+    from qpcell.cli.predict import _print_table
+
+    monkeypatch.setattr(_app.console, "_width", 200)
+    out = tmp_path / "out"
+    results = predict_to_folder(images[:1], predictor(), out, tile_size=256)
+    results += predict_to_folder(images[:1], predictor(), out, tile_size=256)
+    _print_table(out, CLASSES, results)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "image" in line and "total" in line)
+    assert [c.strip() for c in header.strip("┃ ").split("┃")] == [
+        "image", "tumour", "immune", "total", "status"]
+    assert any("skipped (exists)" in line for line in lines)

@@ -57,7 +57,10 @@ def test_sample_projects_image_and_class_counts(qupath_samples, rel):
     assert info.version == expected["version"]
     assert len(info.images) == expected["images"]
     assert len(info.classes) == expected["classes"]
-    assert info.warnings == ()
+    newer = () if not info.version.startswith("0.7") else (
+        "the project was written by QuPath 0.7.0, newer than qpcell is tested with (0.4-0.6): "
+        "check what qpcell reads from it, and report a problem if something is missing",)
+    assert info.warnings == newer
     for img in info.images:
         assert img.name and img.entry_id
         assert img.uri.startswith("file:")

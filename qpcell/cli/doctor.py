@@ -93,7 +93,7 @@ def java_check() -> Check:
 
 def qupath_checks() -> list[Check]:
     """paquo and the QuPath installation it would use (no JVM is started)."""
-    from qpcell.io.qupath import find_qupath_installation
+    from qpcell.io.paquo import find_qupath_installation
 
     paquo = _version_of("paquo")
     if paquo is None:
@@ -157,7 +157,7 @@ def _fmt_size(img) -> str:
 def report_project(path: Path, image_root: list[str]) -> bool:
     """Print what the project files say; True when every image file was found."""
     from qpcell.annotate import rgb_hex
-    from qpcell.io.qupath import read_project_info
+    from qpcell.io.qupath_project import read_project_info
 
     info = read_project_info(path, image_root=image_root or None)
     console.print(f"[bold]QuPath project[/] {info.path}", highlight=False)
@@ -212,9 +212,53 @@ def report_project(path: Path, image_root: list[str]) -> bool:
         console.print(f"note: {p}", highlight=False, soft_wrap=True)
     if not problems:
         console.print("[green]everything the project refers to is here[/]")
-    console.print("Reading the annotations themselves needs QuPath (paquo) or the Groovy export "
-                  "(groovy/qpcell-train.groovy).", highlight=False)
+    report_points(info.path, image_root, shown=info.warnings)
     return not missing
+
+
+def report_points(path: Path, image_root: list[str], shown: tuple[str, ...] = ()) -> None:
+    """Print the point annotations per image and class, read through QuPath when paquo
+    finds it (the objects are in QuPath's own file format); else say how to read them.
+    Notes already in ``shown`` are not repeated."""
+    from qpcell.errors import QpcellError
+    from qpcell.io.paquo import find_qupath_installation, read_qupath_project
+
+    found = find_qupath_installation()
+    if not found.found:
+        console.print("Reading the annotations themselves needs QuPath (found through paquo) "
+                      "or the Groovy export (groovy/qpcell-train.groovy).", highlight=False)
+        return
+    notes: list[str] = []
+    try:
+        classes, images = read_qupath_project(path, image_root=image_root or None,
+                                              require_files=False, notes=notes)
+    except QpcellError as err:
+        console.print(f"note: the annotations could not be read through QuPath: {err}",
+                      highlight=False, soft_wrap=True)
+        return
+    where = f"read through QuPath {found.version or ''} (paquo)".replace("  ", " ")
+    if not images:
+        console.print(f"no point annotations in the project ({where})", highlight=False)
+        return
+    table = Table(title=f"Point annotations per class ({where})", title_justify="left")
+    table.add_column("image", overflow="fold")
+    for c in classes:
+        table.add_column(c.name, justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("regions", justify="right")
+    totals = dict.fromkeys((c.name for c in classes), 0)
+    for img in images:
+        counts = img.counts()
+        for name, k in counts.items():
+            totals[name] = totals.get(name, 0) + k
+        table.add_row(str(img.metadata.get("qupath_name", img.name)),
+                      *(str(counts.get(c.name, 0)) for c in classes), str(len(img.xy)),
+                      str(len(img.regions or [])) if img.regions is not None else "whole")
+    table.add_row("[bold]all[/]", *(str(totals[c.name]) for c in classes),
+                  str(sum(totals.values())), "")
+    console.print(table, highlight=False)
+    for note in dict.fromkeys(n for n in notes if n not in shown):
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
 
 
 @app.command("doctor")
@@ -227,7 +271,8 @@ def doctor_command(
     """Check the installation (Python, torch, GPU, paquo, QuPath, Java).
 
     With a QuPath project: what it holds (images, sizes, pixel sizes, whether
-    each image file is here, classes) and what is missing, without QuPath.
+    each image file is here, classes) and what is missing, without QuPath;
+    where paquo finds QuPath, also the point annotations per image and class.
     """
     if project is None:
         _print_checks(environment_checks())

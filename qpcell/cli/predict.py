@@ -95,7 +95,7 @@ def _print_table(out: Path, classes, items: list) -> None:
     for n in names:
         table.add_column(n, justify="right")
     table.add_column("total", justify="right")
-    table.add_column("", style="dim")
+    table.add_column("status", style="dim")
     for r in items:
         if not hasattr(r, "counts"):
             table.add_row(r.name, *("-" for _ in names), "-", f"[red]failed:[/] {r.error}")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from qpcell.annotate import AnnotateReport, annotate_back, rgb_hex
+from qpcell.annotate import AnnotateReport, annotate_back, check_options, rgb_hex
 from qpcell.cli._app import app, console
 
 DRY_RUN_NOTE = "dry run: nothing was written"
@@ -76,11 +76,15 @@ def run_annotate_back(predictions: Path, project: Path, *, images: list[str] | N
 
 
 def predict_project(model: Path, project: Path, out: Path, *, images: list[str] | None,
-                    image_root: list[str] | None, device: str | None, overwrite: bool) -> None:
-    """Run ``model`` on every image of a QuPath project (read without Java) into ``out``."""
+                    image_root: list[str] | None, device: str | None, overwrite: bool,
+                    mpp: float | None = None) -> None:
+    """Run ``model`` on every image of a QuPath project (read without Java) into ``out``.
+
+    ``mpp`` (µm/px) replaces the pixel size the project records for every image.
+    """
     from qpcell.cli.predict import run_prediction
     from qpcell.errors import QpcellError
-    from qpcell.io.qupath import image_stem, read_project_info, select_images
+    from qpcell.io.qupath_project import image_stem, read_project_info, select_images
     from qpcell.predict import PredictionJob
 
     info = read_project_info(project, image_root=image_root or None)
@@ -90,7 +94,7 @@ def predict_project(model: Path, project: Path, out: Path, *, images: list[str] 
         raise QpcellError(f"image file(s) not found: {', '.join(missing[:5])}"
                           f"{' ...' if len(missing) > 5 else ''} (use --image-root OLD=NEW)",
                           project)
-    jobs = [PredictionJob(image_stem(e.name), e.path, None, e.mpp) for e in entries]
+    jobs = [PredictionJob(image_stem(e.name), e.path, None, mpp or e.mpp) for e in entries]
     run_prediction(model, project, out, device=device, overwrite=overwrite, jobs=jobs)
 
 
@@ -110,8 +114,11 @@ def annotate_back_command(
         "--device", help="With --model: cpu, cuda, mps (default: best available).")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="With --model: predict again images already predicted.")] = False,
+    mpp: Annotated[float | None, typer.Option(
+        "--mpp", help="With --model: the images' pixel size in µm/px, in place of what the "
+        "project says (for images QuPath has none for).")] = None,
     images: Annotated[list[str] | None, typer.Option(
-        "--images", help="Only these images (name, or name without extension); "
+        "--images", help="Only these images (name, name without extension, or entry ID); "
         "comma-separated or repeated.")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Show what would change, write nothing (works without "
@@ -134,6 +141,10 @@ def annotate_back_command(
     """
     from qpcell.errors import QpcellError
 
+    check_options(shape, radius_um, mpp)
+    if mpp is not None and model is None:
+        raise QpcellError("--mpp is for --model (the pixel size to predict at); predictions "
+                          "already made carry their own")
     if model is not None:
         if len(paths) != 1:
             raise QpcellError("with --model give only the QuPath project "
@@ -142,7 +153,7 @@ def annotate_back_command(
         folder = project if project.is_dir() else project.parent
         predictions = out or folder / "qpcell" / "predictions"
         predict_project(model, project, predictions, images=split_names(images),
-                        image_root=image_root, device=device, overwrite=overwrite)
+                        image_root=image_root, device=device, overwrite=overwrite, mpp=mpp)
     elif len(paths) != 2:
         raise QpcellError("give PREDICTIONS and PROJECT (or --model MODEL and PROJECT)")
     else:

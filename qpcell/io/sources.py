@@ -31,12 +31,9 @@ def load_source(path: str | Path, *, classes: Sequence[CellClass] | None = None,
     notes
         If given, receives one line per image skipped and why.
     """
-    from qpcell.io.qupath import (
-        is_qupath_export,
-        is_qupath_project,
-        read_qupath_export,
-        read_qupath_project,
-    )
+    from qpcell.io.paquo import read_qupath_project
+    from qpcell.io.qupath_export import is_qupath_export, read_qupath_export
+    from qpcell.io.qupath_project import is_qupath_project
 
     path = Path(path)
     if not path.exists():
