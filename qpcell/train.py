@@ -37,7 +37,7 @@ from qpcell.config import (
 )
 from qpcell.device import autocast_dtype
 from qpcell.distributed import barrier, broadcast, default_loader_settings, setup, shard, wrap
-from qpcell.errors import QpcellError
+from qpcell.errors import Interrupted, QpcellError
 from qpcell.inference import model_maps
 from qpcell.io.atomic import atomic_open
 from qpcell.points import AnnotatedImage, CellClass, Detections
@@ -96,7 +96,7 @@ class TrainCallbacks:
     def on_epoch(self, summary: EpochSummary) -> None: ...
 
 
-class TrainingInterrupted(QpcellError):
+class TrainingInterrupted(Interrupted):
     """Raised after Ctrl-C once the resumable state is safely on disk."""
 
 
