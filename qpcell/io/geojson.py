@@ -66,6 +66,7 @@ __all__ = [
     "probability_key",
     "read_geojson",
     "resolve_source",
+    "SOURCES",
     "to_annotated_image",
     "to_detections",
     "write_detections",
@@ -79,6 +80,9 @@ DEFAULT_MPP = 0.44
 """Pixel size (µm/px) assumed for circle radii when the image's pixel size is unknown (20x)."""
 
 DUPLICATE_TOLERANCE_PX = 1e-6
+#: The largest coordinate (pixels) qpcell accepts: QuPath's image sizes are 32-bit integers,
+#: so anything beyond is a corrupt or mis-scaled file, not a cell.
+MAX_COORDINATE_PX = 2.0 ** 31
 """Two points closer than this (pixels) are the same point."""
 
 CIRCLE_VERTICES = 16
@@ -129,6 +133,8 @@ class QuPathObjects:
         Class name of each detection; ``None`` = unclassified.
     detection_measurements
         Measurements of each detection, ``name -> float`` (may hold NaN, as QuPath writes).
+    detection_type
+        QuPath object type of each detection: ``"detection"`` or ``"cell"``.
     class_colors
         ``name -> (r, g, b)``: the first colour the file gives each class.
     set_aside
@@ -145,15 +151,29 @@ class QuPathObjects:
     detection_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     detection_class: list[str | None] = field(default_factory=list)
     detection_measurements: list[dict[str, float]] = field(default_factory=list)
+    detection_type: list[str] = field(default_factory=list)
     class_colors: dict[str, RGB] = field(default_factory=dict)
     set_aside: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     path: Path | None = None
 
     def class_names(self, source: str = "points") -> list[str]:
-        """Class names of ``source`` (``"points"`` or ``"detections"``), by first appearance."""
-        names = self.point_class if source == "points" else self.detection_class
+        """Class names of ``source`` (see :data:`SOURCES`, not ``"auto"``), by first
+        appearance."""
+        _, names = self.select(source)
         return [n for n in dict.fromkeys(names) if n is not None]
+
+    def select(self, source: str) -> tuple[np.ndarray, list[str | None]]:
+        """Positions and class names of the objects ``source`` names (not ``"auto"``):
+        ``"points"``, ``"detections"`` (detection and cell objects) or ``"cells"``."""
+        if source == "points":
+            return self.point_xy, self.point_class
+        if source == "cells":
+            types = self.detection_type or ["detection"] * len(self.detection_class)
+            idx = [i for i, t in enumerate(types) if t == "cell"]
+            return (np.asarray(self.detection_xy).reshape(-1, 2)[idx],
+                    [self.detection_class[i] for i in idx])
+        return self.detection_xy, self.detection_class
 
 
 # --------------------------------------------------------------------------- reading
@@ -290,6 +310,9 @@ def _points_array(coords: Any, gtype: str) -> np.ndarray:
     arr = arr[:, :2]
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{gtype} has a NaN, infinite or missing coordinate")
+    if not np.all(np.abs(arr) <= MAX_COORDINATE_PX):
+        raise ValueError(f"{gtype} has a coordinate beyond any image "
+                         f"({np.abs(arr).max():g}; at most {MAX_COORDINATE_PX:.0f} px)")
     return arr
 
 
@@ -318,7 +341,8 @@ def _ring_vertices(flat: list, rings: list[list]) -> tuple[np.ndarray, int | Non
     """
     try:
         pts = np.asarray(flat, dtype=np.float64)
-        if pts.ndim == 2 and pts.shape[1] >= 2 and np.all(np.isfinite(pts[:, :2])):
+        if pts.ndim == 2 and pts.shape[1] >= 2 and np.all(np.abs(pts[:, :2])
+                                                          <= MAX_COORDINATE_PX):
             return pts[:, :2], None
     except (TypeError, ValueError):
         pass
@@ -328,7 +352,8 @@ def _ring_vertices(flat: list, rings: list[list]) -> tuple[np.ndarray, int | Non
             arr = np.asarray(ring, dtype=np.float64)
         except (TypeError, ValueError):
             return np.zeros((0, 2)), r
-        if arr.ndim != 2 or arr.shape[1] < 2 or not np.all(np.isfinite(arr[:, :2])):
+        if arr.ndim != 2 or arr.shape[1] < 2 or not np.all(np.abs(arr[:, :2])
+                                                            <= MAX_COORDINATE_PX):
             return np.zeros((0, 2)), r
         parts.append(arr[:, :2])
     return np.concatenate(parts), None
@@ -381,8 +406,9 @@ def _polygon_centroids(pts: np.ndarray, ring_len: np.ndarray, ring_sign: np.ndar
 def _region(geom: dict, gtype: str) -> BaseGeometry | None:
     """A polygon annotation's geometry (holes kept), or None if it has no area."""
     for ring, _ in _polygon_rings(geom["coordinates"], gtype):
-        if not np.all(np.isfinite(np.asarray(ring, dtype=np.float64))):
-            raise ValueError("a region has a NaN, infinite or missing coordinate")
+        if not np.all(np.abs(np.asarray(ring, dtype=np.float64)) <= MAX_COORDINATE_PX):
+            raise ValueError("a region has a NaN, infinite, missing or huge (beyond "
+                             f"{MAX_COORDINATE_PX:.0f} px) coordinate")
     region = to_shape(geom)
     return None if region.is_empty else region
 
@@ -515,6 +541,7 @@ def parse_geojson(data: Any, *, path: str | Path | None = None) -> QuPathObjects
     point_class: list[str | None] = []
     # detections: polygons go through the vectorised centroid, points are direct
     det_class: list[str | None] = []
+    det_type: list[str] = []
     det_meas: list[dict[str, float]] = []
     det_direct: dict[int, np.ndarray] = {}
     det_feature: list[int] = []  # feature index of each detection
@@ -621,6 +648,7 @@ def parse_geojson(data: Any, *, path: str | Path | None = None) -> QuPathObjects
                     reason = f"a {gtype} {otype} has no area to take a centre from"
                 if reason is None:
                     det_class.append(cname)
+                    det_type.append(otype)
                     det_feature.append(i)
                     det_meas.append(_parse_measurements(props.get("measurements")))
                     continue
@@ -639,8 +667,9 @@ def parse_geojson(data: Any, *, path: str | Path | None = None) -> QuPathObjects
             owner = np.asarray(ring_owner, dtype=np.intp)
             pts, bad = _ring_vertices(flat, ring_list)
             if bad is not None:
-                raise fail(det_feature[ring_owner[bad]], "an outline has a NaN, infinite, "
-                           "missing or malformed coordinate")
+                raise fail(det_feature[ring_owner[bad]],
+                           "an outline has a NaN, infinite, missing, malformed or huge "
+                           f"(beyond {MAX_COORDINATE_PX:.0f} px) coordinate")
             cen = _polygon_centroids(pts, np.asarray(ring_len, dtype=np.intp),
                                      np.asarray(ring_sign, dtype=np.float64), owner,
                                      len(det_class))
@@ -651,6 +680,7 @@ def parse_geojson(data: Any, *, path: str | Path | None = None) -> QuPathObjects
             xy[d] = c
         objs.detection_xy = xy
         objs.detection_class = det_class
+        objs.detection_type = det_type
         objs.detection_measurements = det_meas
     return objs
 
@@ -725,13 +755,31 @@ def drop_duplicate_points(xy: np.ndarray, names: Sequence[str], *, where: str = 
                   f"position) kept once, e.g. ({x:g}, {y:g}) {names[first]!r}"]
 
 
+#: What :func:`to_annotated_image` can read from a file as cells.
+SOURCES = ("auto", "points", "detections", "cells")
+
+#: How each source is named to the user.
+SOURCE_WORDS = {"points": "point annotations", "detections": "detection and cell objects",
+                "cells": "cell objects"}
+
+
 def resolve_source(objs: QuPathObjects, source: str) -> str:
-    """``"points"`` or ``"detections"``: what ``source`` (may be ``"auto"``) means for ``objs``."""
-    if source not in ("auto", "points", "detections"):
-        raise QpcellError(f"source must be 'auto', 'points' or 'detections', not {source!r}")
-    if source == "auto":
-        return "points" if len(objs.point_xy) or not len(objs.detection_xy) else "detections"
-    return source
+    """``"points"``, ``"detections"`` or ``"cells"``: what ``source`` means for ``objs``.
+
+    ``"auto"`` reads the objects that carry the classes: point annotations when any point
+    has a class, else detection and cell objects when any of them has one; with no class
+    anywhere, points when there are any, else detections. So a QuPath export of classified
+    cells plus a few unclassified calibration points reads the cells.
+    """
+    if source not in SOURCES:
+        raise QpcellError(f"what to read must be one of {', '.join(SOURCES)}, not {source!r}")
+    if source != "auto":
+        return source
+    if any(c is not None for c in objs.point_class):
+        return "points"
+    if any(c is not None for c in objs.detection_class):
+        return "detections"
+    return "points" if len(objs.point_xy) or not len(objs.detection_xy) else "detections"
 
 
 def to_annotated_image(objs: QuPathObjects, name: str, *,
@@ -752,7 +800,8 @@ def to_annotated_image(objs: QuPathObjects, name: str, *,
         :func:`~qpcell.points.default_color`).
     source
         ``"points"`` (point annotations), ``"detections"`` (centroids of detection and cell
-        objects) or ``"auto"`` (points if the file has any, else detections).
+        objects), ``"cells"`` (cell objects only) or ``"auto"`` (the kind that carries the
+        classes, see :func:`resolve_source`); ``metadata["source"]`` says which was read.
     image, mpp
         Stored on the result.
     image_size
@@ -771,10 +820,7 @@ def to_annotated_image(objs: QuPathObjects, name: str, *,
     where = str(objs.path) if objs.path is not None else name
     source = resolve_source(objs, source)
     warnings = [f"{where}: {w}" for w in objs.warnings]
-    if source == "points":
-        xy, names = objs.point_xy, objs.point_class
-    else:
-        xy, names = objs.detection_xy, objs.detection_class
+    xy, names = objs.select(source)
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     if objs.set_aside:
         n = len(objs.set_aside)
@@ -786,6 +832,12 @@ def to_annotated_image(objs: QuPathObjects, name: str, *,
         n = int((~keep).sum())
         warnings.append(f"{where}: {n} unclassified {source[:-1]}{'s' if n > 1 else ''} "
                         "skipped (give them a class in QuPath to use them)")
+    other = {"points": "detections", "detections": "points", "cells": "points"}[source]
+    other_xy, other_names = objs.select(other)
+    n_other = sum(c is not None for c in other_names)
+    if n_other:
+        warnings.append(f"{where}: read the {SOURCE_WORDS[source]}; {n_other} classified "
+                        f"{SOURCE_WORDS[other]} in the file were not read")
     if image_size is not None and len(xy):
         w, h = image_size
         inside = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from qpcell.errors import QpcellError
-from qpcell.io.geojson import QuPathObjects, to_annotated_image
+from qpcell.io.geojson import MAX_COORDINATE_PX, QuPathObjects, to_annotated_image
 from qpcell.io.project import image_size, natural_key, scan_images
 from qpcell.points import AnnotatedImage, CellClass, make_classes
 
@@ -41,6 +41,7 @@ __all__ = [
     "import_tables",
     "read_class_names",
     "read_point_table",
+    "read_tables",
     "resolve_dataset",
 ]
 
@@ -184,6 +185,9 @@ def read_point_table(path: str | Path, *, fmt: str = "auto",
                               f"{fields[cols[1]]!r}", where) from None
         if not (math.isfinite(x) and math.isfinite(y)):
             raise QpcellError(f"the point ({x}, {y}) has a NaN or infinite coordinate", where)
+        if max(abs(x), abs(y)) > MAX_COORDINATE_PX:
+            raise QpcellError(f"the point ({x:g}, {y:g}) lies beyond any image (coordinates "
+                              f"up to {MAX_COORDINATE_PX:.0f} px)", where)
         cls = fields[cols[2]]
         if not cls:
             raise QpcellError("empty class name", where)
@@ -427,3 +431,48 @@ def import_tables(source: str | Path, images: str | Path | None = None, *, fmt: 
         out.append(img)
     return TableImport(images=out, classes=classes, warnings=warnings, labels_dir=labels_dir,
                        images_dir=images_dir, class_source=class_source)
+
+
+def read_tables(source: str | Path, *, fmt: str = "auto",
+                class_names: Sequence[str] | None = None) -> TableImport:
+    """Point tables as annotations without images (for scoring; :func:`import_tables` pairs
+    them with images for training).
+
+    ``source`` is what ``qpcell import`` accepts (a dataset folder with ``labels/``, a folder
+    of tables or one table); class ids are named by ``class_names``, else a ``classes.txt``
+    found by :func:`find_class_names`, else the ids themselves.
+
+    Raises
+    ------
+    QpcellError
+        As :func:`read_point_table`, naming ``file:line``; or if there is no table.
+    """
+    labels, _ = resolve_dataset(source)
+    if isinstance(labels, list):
+        tables, labels_dir = labels, labels[0].parent
+    else:
+        labels_dir = labels
+        tables = sorted((p for p in labels_dir.iterdir()
+                         if p.is_file() and p.suffix.lower() in _SUFFIX_FORMAT
+                         and p.name.lower() not in _NOT_LABELS and not p.name.startswith(".")),
+                        key=lambda p: natural_key(p.name))
+    if not tables:
+        raise QpcellError("holds no point tables", labels_dir)
+    class_source = "--classes"
+    if class_names is None:
+        cfile = find_class_names(source, labels_dir)
+        class_names = read_class_names(cfile) if cfile is not None else None
+        class_source = str(cfile) if cfile is not None else "class ids"
+    read = {t.stem: read_point_table(t, fmt=fmt, class_names=class_names) for t in tables}
+    used = list(class_names) if class_names is not None else sorted(
+        {n for _, names in read.values() for n in names},
+        key=lambda n: (0, int(n), "") if _INT.match(n) else (1, 0, n))
+    classes = make_classes(used)
+    images, warnings = [], []
+    for table, (stem, (xy, names)) in zip(tables, read.items(), strict=True):
+        objs = QuPathObjects(point_xy=xy, point_class=list(names), path=table)
+        img = to_annotated_image(objs, stem, classes=classes, source="points")
+        warnings += img.metadata["warnings"]
+        images.append(img)
+    return TableImport(images=images, classes=classes, warnings=warnings,
+                       labels_dir=labels_dir, class_source=class_source)
