@@ -54,6 +54,7 @@ from qpcell.points import RGB, AnnotatedImage, CellClass, Detections, default_co
 
 __all__ = [
     "DEFAULT_MPP",
+    "CONFLICTS",
     "DUPLICATE_TOLERANCE_PX",
     "QPCELL_SCORE",
     "QuPathObjects",
@@ -688,14 +689,18 @@ def parse_geojson(data: Any, *, path: str | Path | None = None) -> QuPathObjects
 # ------------------------------------------------------------------ to qpcell's types
 
 
+#: What to do with points of different classes at one spot (``qpcell import --on-conflict``).
+CONFLICTS = ("error", "drop", "first")
+
+
 def drop_duplicate_points(xy: np.ndarray, names: Sequence[str], *, where: str = "",
-                          tolerance: float = DUPLICATE_TOLERANCE_PX
+                          tolerance: float = DUPLICATE_TOLERANCE_PX, conflicts: str = "error"
                           ) -> tuple[np.ndarray, list[str]]:
     """Find points annotated twice.
 
-    Points of the same class closer than ``tolerance`` pixels are one point: all but the
-    first are dropped, with one warning. Points of *different* classes at the same spot
-    are a contradiction the user must resolve.
+    Points closer than ``tolerance`` pixels are one spot. Points of the same class at one
+    spot are one point: all but the first are dropped, with one warning. Points of
+    *different* classes at one spot are a contradiction: ``conflicts`` says what happens.
 
     Parameters
     ----------
@@ -705,17 +710,24 @@ def drop_duplicate_points(xy: np.ndarray, names: Sequence[str], *, where: str = 
         Class name of each point.
     where
         Names the file or image in messages.
+    conflicts
+        ``"error"`` (raise, naming the first such spot), ``"drop"`` (drop every point at
+        such spots) or ``"first"`` (keep the first point in file order), each with a warning
+        that counts the spots and points affected.
 
     Returns
     -------
     keep, warnings
-        A boolean mask of the points to keep, and the warnings (at most one line).
+        A boolean mask of the points to keep, and the warnings (at most two lines).
 
     Raises
     ------
     QpcellError
-        If two points closer than ``tolerance`` have different classes (names both).
+        With ``conflicts="error"``, if two points at one spot have different classes.
     """
+    if conflicts not in CONFLICTS:
+        raise QpcellError(f"on a conflict: choose from {', '.join(CONFLICTS)}, not "
+                          f"{conflicts!r}")
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     keep = np.ones(len(xy), dtype=bool)
     if len(xy) < 2:
@@ -724,35 +736,65 @@ def drop_duplicate_points(xy: np.ndarray, names: Sequence[str], *, where: str = 
 
     prefix = f"{where}: " if where else ""
     labels = np.asarray(names, dtype=object)
-
-    def check(i: np.ndarray, j: np.ndarray) -> None:
-        bad = np.flatnonzero(labels[i] != labels[j])
-        if bad.size:
-            a, b = sorted((int(i[bad[0]]), int(j[bad[0]])))  # in file order
-            x, y = xy[a]
-            raise QpcellError(f"{prefix}two points at ({x:g}, {y:g}) have different classes "
-                              f"{labels[a]!r} and {labels[b]!r}; keep one of them")
-
     # identical positions first (the common case, and linear however many there are) ...
     _, first, inverse = np.unique(xy, axis=0, return_index=True, return_inverse=True)
-    rep = first[inverse.reshape(-1)]  # the first point at each position
-    check(np.arange(len(xy)), rep)
-    keep[:] = False
-    keep[first] = True
-    # ... then distinct positions closer than the tolerance
-    kept = np.sort(first)
-    pairs = cKDTree(xy[kept]).query_pairs(tolerance, output_type="ndarray")
+    spot = inverse.reshape(-1)
+    # ... then distinct positions closer than the tolerance join one spot
+    pairs = cKDTree(xy[first]).query_pairs(tolerance, output_type="ndarray")
     if len(pairs):
-        i, j = kept[pairs[:, 0]], kept[pairs[:, 1]]
-        check(i, j)
-        keep[np.maximum(i, j)] = False
-    if keep.all():
+        parent = np.arange(len(first))
+
+        def root(k: int) -> int:
+            while parent[k] != k:
+                parent[k] = parent[parent[k]]
+                k = parent[k]
+            return k
+
+        for a, b in pairs:
+            ra, rb = root(int(a)), root(int(b))
+            parent[max(ra, rb)] = min(ra, rb)
+        spot = np.array([root(int(k)) for k in range(len(first))])[spot]
+    if len(np.unique(spot)) == len(xy):
         return keep, []
-    first = int(np.flatnonzero(~keep)[0])
-    n = int((~keep).sum())
-    x, y = xy[first]
-    return keep, [f"{prefix}{n} duplicate point{'s' if n > 1 else ''} (same class, same "
-                  f"position) kept once, e.g. ({x:g}, {y:g}) {names[first]!r}"]
+    _, label_id = np.unique(labels.astype(str), return_inverse=True)
+    spot_label = np.unique(np.stack([spot, label_id.reshape(-1)], axis=1), axis=0)
+    n_labels = np.bincount(spot_label[:, 0], minlength=int(spot.max()) + 1)
+    conflict = n_labels[spot] > 1  # per point: its spot holds more than one class
+    order = np.lexsort((np.arange(len(xy)), spot))  # by spot, then file order
+    is_first = np.ones(len(xy), dtype=bool)
+    is_first[order[1:]] = spot[order[1:]] != spot[order[:-1]]
+    warnings = []
+    if conflict.any():
+        bad = np.flatnonzero(conflict)
+        n_spots = len(np.unique(spot[bad]))
+        a = int(bad[0])
+        b = int(next(i for i in bad if spot[i] == spot[a] and labels[i] != labels[a]))
+        x, y = xy[a]
+        if conflicts == "error":
+            raise QpcellError(f"{prefix}two points at ({x:g}, {y:g}) have different classes "
+                              f"{labels[a]!r} and {labels[b]!r}; keep one of them "
+                              f"({n_spots} spot{'s' if n_spots > 1 else ''} like this; "
+                              "`qpcell import --on-conflict drop` or `first` decides for you)")
+        if conflicts == "drop":
+            keep[bad] = False
+            warnings.append(f"{prefix}{n_spots} spot{'s' if n_spots > 1 else ''} had points "
+                            f"of different classes: all {len(bad)} points there dropped, e.g. "
+                            f"({x:g}, {y:g}) {labels[a]!r} and {labels[b]!r}")
+        else:
+            keep[bad] = is_first[bad]
+            warnings.append(f"{prefix}{n_spots} spot{'s' if n_spots > 1 else ''} had points "
+                            f"of different classes: the first of each kept, "
+                            f"{len(bad) - int(is_first[bad].sum())} dropped, e.g. "
+                            f"({x:g}, {y:g}) {labels[a]!r} kept, {labels[b]!r} dropped")
+    same = ~conflict & ~is_first
+    if same.any():
+        keep[same] = False
+        k = int(np.flatnonzero(same)[0])
+        n = int(same.sum())
+        x, y = xy[k]
+        warnings.insert(0, f"{prefix}{n} duplicate point{'s' if n > 1 else ''} (same class, "
+                           f"same position) kept once, e.g. ({x:g}, {y:g}) {names[k]!r}")
+    return keep, warnings
 
 
 #: What :func:`to_annotated_image` can read from a file as cells.
@@ -785,7 +827,8 @@ def resolve_source(objs: QuPathObjects, source: str) -> str:
 def to_annotated_image(objs: QuPathObjects, name: str, *,
                        classes: Sequence[CellClass] | None = None, source: str = "auto",
                        image: str | Path | None = None, mpp: float | None = None,
-                       image_size: tuple[int, int] | None = None) -> AnnotatedImage:
+                       image_size: tuple[int, int] | None = None,
+                       conflicts: str = "error") -> AnnotatedImage:
     """Turn the objects of one file into an :class:`~qpcell.points.AnnotatedImage`.
 
     Parameters
@@ -807,6 +850,9 @@ def to_annotated_image(objs: QuPathObjects, name: str, *,
     image_size
         ``(width, height)`` in pixels, when known: points outside ``0 <= x < width``,
         ``0 <= y < height`` are skipped with a warning.
+    conflicts
+        Points of different classes at one spot: ``"error"``, ``"drop"`` or ``"first"``
+        (see :func:`drop_duplicate_points`).
 
     Unclassified points are skipped with a warning; duplicate points are kept once with a
     warning (see :func:`drop_duplicate_points`). Every warning, the file's own included, is
@@ -866,7 +912,8 @@ def to_annotated_image(objs: QuPathObjects, name: str, *,
                           f"({', '.join(c.name for c in cell_classes) or 'empty'})",
                           objs.path)
     labels = np.fromiter((index[n] for n in kept_names), dtype=np.int64, count=len(kept_names))
-    dedup, dup_warnings = drop_duplicate_points(xy, kept_names, where=where)
+    dedup, dup_warnings = drop_duplicate_points(xy, kept_names, where=where,
+                                                conflicts=conflicts)
     if not dedup.all():
         xy, labels = xy[dedup], labels[dedup]
     warnings += dup_warnings

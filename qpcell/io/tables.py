@@ -112,6 +112,15 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _looks_like_qupath_measurements(first_line: str) -> bool:
+    """A header row as QuPath's measurement export writes it (Image, Name, Class, Parent,
+    ROI, Centroid X µm, ...)."""
+    cells = [c.strip().lower() for c in re.split(r"\t|,", first_line)]
+    if any(c.startswith("centroid x") for c in cells):
+        return True
+    return {"image", "class", "roi"} <= set(cells) or {"image", "class", "parent"} <= set(cells)
+
+
 def read_point_table(path: str | Path, *, fmt: str = "auto",
                      class_names: Sequence[str] | None = None
                      ) -> tuple[np.ndarray, list[str]]:
@@ -153,6 +162,11 @@ def read_point_table(path: str | Path, *, fmt: str = "auto",
     except UnicodeDecodeError:
         raise QpcellError("is not a text (UTF-8) file, so not a point table", path) from None
     first = next((ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), None)
+    if first is not None and _looks_like_qupath_measurements(first):
+        raise QpcellError("this looks like a QuPath measurement table (Measure > Export "
+                          "measurements), not a point table; export the points instead: "
+                          "File > Export objects as GeoJSON (or the qpcell Groovy export), "
+                          "then use the GeoJSON project", path)
     fmt = _table_format(path, fmt, first)
     names_list = list(class_names) if class_names is not None else None
     name_set = set(names_list) if names_list is not None else None
@@ -324,7 +338,7 @@ def find_class_names(source: str | Path, labels_dir: Path) -> Path | None:
 
 def import_tables(source: str | Path, images: str | Path | None = None, *, fmt: str = "auto",
                   class_names: Sequence[str] | None = None, mpp: float | None = None,
-                  check_bounds: bool = True) -> TableImport:
+                  check_bounds: bool = True, conflicts: str = "error") -> TableImport:
     """Read a folder of point tables and pair each table with its image (same stem).
 
     Parameters
@@ -343,6 +357,10 @@ def import_tables(source: str | Path, images: str | Path | None = None, *, fmt: 
         Pixel size (µm/px) to record for every image.
     check_bounds
         Skip points outside the image, with a warning, when its size is cheaply known.
+    conflicts
+        Points of different classes at one spot: ``"error"``, ``"drop"`` (both go) or
+        ``"first"`` (the first in the table stays); see
+        :func:`~qpcell.io.geojson.drop_duplicate_points`.
 
     Returns
     -------
@@ -422,7 +440,8 @@ def import_tables(source: str | Path, images: str | Path | None = None, *, fmt: 
         image = found[stem]
         objs = QuPathObjects(point_xy=xy, point_class=list(names), path=by_stem[stem])
         img = to_annotated_image(objs, stem, classes=classes, source="points", image=image,
-                                 mpp=mpp, image_size=image_size(image) if check_bounds else None)
+                                 mpp=mpp, image_size=image_size(image) if check_bounds else None,
+                                 conflicts=conflicts)
         # grouped by class (stable), the order write_points stores and reading gives back
         order = np.argsort(img.labels, kind="stable")
         img.xy, img.labels = img.xy[order], img.labels[order]
