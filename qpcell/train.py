@@ -41,6 +41,7 @@ from qpcell.errors import Interrupted, QpcellError
 from qpcell.inference import model_maps
 from qpcell.io.atomic import atomic_open
 from qpcell.points import AnnotatedImage, CellClass, Detections
+from qpcell.train_guard import check_resume_state
 
 RESUME = "resume.pt"
 LOG = "train_log.txt"
@@ -478,6 +479,7 @@ def train(
             "setting": {}}
     start_epoch = 1
     if state is not None:
+        check_resume_state(state, model, classes, out)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])

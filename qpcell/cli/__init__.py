@@ -17,7 +17,7 @@ import typer
 import typer.exceptions
 
 from qpcell import __version__
-from qpcell.cli._app import app, err_console, print_error, print_stopped
+from qpcell.cli._app import app, print_error, print_stopped
 from qpcell.errors import Interrupted, QpcellError
 
 # Each module adds its commands to ``app`` when imported; a module that is not written

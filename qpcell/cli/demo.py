@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from qpcell.cli._app import app, console
+from qpcell.errors import Interrupted
 
 DEMO_CLASSES = 4
 DEMO_MPP = 0.44  # the paper's working resolution: no resampling
@@ -36,6 +37,8 @@ def demo_command(
     from qpcell.io.sources import load_source
     from qpcell.metrics import score_dataset
     from qpcell.synthetic import write_synthetic_project
+    from qpcell.train import TrainingInterrupted
+    from qpcell.train_guard import prepare_model_folder
 
     t0 = time.perf_counter()
     data, test = out / "data" / "train", out / "data" / "test"
@@ -49,10 +52,15 @@ def demo_command(
     console.rule("2. train S-DRDIN")
     classes, images = load_source(data)
     model_dir = out / "model"
-    run_training(classes, images, model_dir, "s-drdin", model_kwargs={"base": base},
-                 model_mpp=DEMO_MPP, device=device,
-                 train_cfg=replace(TrainConfig(), epochs=epochs, seed=seed),
-                 patch_cfg=replace(PatchConfig(), size=128, stride=96))
+    prepare_model_folder(model_dir, overwrite=True)  # the demo's own folder: start afresh
+    try:
+        run_training(classes, images, model_dir, "s-drdin", model_kwargs={"base": base},
+                     model_mpp=DEMO_MPP, device=device,
+                     train_cfg=replace(TrainConfig(), epochs=epochs, seed=seed),
+                     patch_cfg=replace(PatchConfig(), size=128, stride=96))
+    except TrainingInterrupted:
+        raise Interrupted("the demo stopped while training (it has no --resume); run "
+                          f"`qpcell demo --out {out}` again to start over", model_dir) from None
 
     console.rule("3. predict held-back images")
     predictions = out / "predictions"

@@ -616,4 +616,5 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
                       "convert it to OME-TIFF first (e.g. QuPath: File > Export images)", path)
 
 
-__all__ = ["Slide", "open_slide", "check_pixels", "to_full_res", "from_full_res", "sane_mpp", "MPP_RANGE"]
+__all__ = ["Slide", "open_slide", "check_pixels", "to_full_res", "from_full_res", "sane_mpp",
+           "MPP_RANGE"]
