@@ -104,43 +104,53 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     ctrl_c = _install_ctrl_c()
     try:
+        code = _run(args, debug, ctrl_c)
+    finally:
+        if ctrl_c is not None and argv is not None:  # called from Python: give Ctrl-C back
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(code)
+
+
+def _run(args: list[str], debug: bool, ctrl_c: _CtrlC | None) -> int:
+    """Run the command line; every way it can end becomes an exit code and at most a line."""
+    try:
         code = app(args=args, prog_name="qpcell", standalone_mode=False)
     except _CLICK_EXITS as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except _CLICK_ABORTS:
         print_stopped("aborted: nothing was written")
-        sys.exit(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except _CLICK_ERRORS as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
         if debug:
             raise
         print_stopped(_STOPPED)
-        sys.exit(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except Interrupted as exc:
         if debug:
             raise
         print_stopped(_interrupted_message(exc))
-        sys.exit(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except QpcellError as exc:
         if debug:
             raise
         print_error(exc)
-        sys.exit(1)
+        return 1
     except OSError as exc:
         if debug:
             raise
         print_error(_os_error_message(exc))
-        sys.exit(1)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the last line of defence for a user
         if debug:
             raise
         print_error(f"{type(exc).__name__}: {exc} (run again with --debug for the traceback)")
-        sys.exit(1)
+        return 1
     if code == EXIT_INTERRUPTED and (ctrl_c is None or ctrl_c.presses):
         print_stopped(_STOPPED)  # typer turns a KeyboardInterrupt into this exit code
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0
 
 
 def _os_error_message(exc: OSError) -> str:

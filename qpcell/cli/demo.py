@@ -59,7 +59,7 @@ def demo_command(
                      train_cfg=replace(TrainConfig(), epochs=epochs, seed=seed),
                      patch_cfg=replace(PatchConfig(), size=128, stride=96))
     except TrainingInterrupted:
-        raise Interrupted("the demo stopped while training (it has no --resume); run "
+        raise Interrupted("the demo stopped while training and cannot be resumed; run "
                           f"`qpcell demo --out {out}` again to start over", model_dir) from None
 
     console.rule("3. predict held-back images")
