@@ -50,9 +50,6 @@ for _name in _COMMAND_MODULES:
 
 #: Exit code of a command the user stopped with Ctrl-C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
-#: Exit code of a command line qpcell does not understand (click's usage errors).
-EXIT_USAGE = 2
-
 _CLICK_ERRORS = (click.ClickException, typer.exceptions.TyperException)
 _CLICK_EXITS = (click.exceptions.Exit, typer.exceptions.Exit)
 _CLICK_ABORTS = (click.exceptions.Abort, typer.exceptions.Abort)
@@ -72,7 +69,7 @@ class _CtrlC:
             raise KeyboardInterrupt
         if self.presses == 2:
             os.write(2, b"\nstopping: finishing what is being saved; press Ctrl-C once more "
-                        b"to quit at once (files being written are then left as they were)\n")
+                        b"to quit at once (the file being written is then not saved)\n")
             return
         os._exit(EXIT_INTERRUPTED)
 
@@ -118,7 +115,7 @@ def _run(args: list[str], debug: bool, ctrl_c: _CtrlC | None) -> int:
     except _CLICK_EXITS as exc:
         return exc.exit_code
     except _CLICK_ABORTS:
-        print_stopped("aborted: nothing was written")
+        print_stopped("aborted")
         return EXIT_INTERRUPTED
     except _CLICK_ERRORS as exc:
         exc.show()
