@@ -211,10 +211,77 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Mo
     mpp = config.get("mpp")
     if mpp is not None and not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
         raise QpcellError(f"bad pixel size {mpp!r}", folder / CONFIG)
+    check_model_description(config, classes, post, models, folder / CONFIG)
     return ModelBundle(folder, config, classes, mpp, post, config["postprocess_kind"], device,
                        models)
+
+
+def _number_ok(value, low: float, high: float) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and low <= value <= high)
+
+
+def check_model_description(config: dict, classes: tuple[CellClass, ...],
+                            post: PostprocessConfig, models: dict[str, torch.nn.Module],
+                            path: Path) -> None:
+    """Refuse a ``config.json`` whose classes or post-processing numbers cannot be right.
+
+    The class list must have as many entries as the network has class maps, and every
+    post-processing number must be finite and in range (a NaN threshold finds no cell).
+
+    Raises
+    ------
+    QpcellError
+        Naming ``path`` and the first value that is wrong.
+    """
+    if not classes:
+        raise QpcellError("lists no classes", path)
+    for part, module in models.items():
+        n = getattr(module, "spec", dict)().get("n_classes")
+        if isinstance(n, int) and getattr(module, "has_cls", True) and n != len(classes):
+            where = "" if part == "model" else f" ({part} part)"
+            raise QpcellError(f"lists {len(classes)} classes but the network{where} has {n} "
+                              "class maps: the file was edited or belongs to another model",
+                              path)
+    checks = {"threshold": (post.threshold, 0.0, 1.0),
+              "min_area_px": (post.min_area_px, 0.0, math.inf),
+              "peak_window_px": (post.peak_window_px, 1, math.inf),
+              "class_box_px": (post.class_box_px, 1, math.inf),
+              "mpp": (post.mpp, 1e-6, math.inf)}
+    peaks = config.get("peaks") or {}
+    if config.get("postprocess_kind") == "peaks" and isinstance(peaks, dict):
+        checks["peaks.threshold"] = (peaks.get("threshold", 0.5), 0.0, 1.0)
+        checks["peaks.min_distance_px"] = (peaks.get("min_distance_px", 3), 0.0, math.inf)
+    for name, (value, low, high) in checks.items():
+        if not _number_ok(value, low, high):
+            raise QpcellError(f"post-processing {name} is {value!r}; it must be a number "
+                              f"from {low:g} to {high:g}", path)
+    gains = post.class_gain or ()
+    if gains and (len(gains) != len(classes) or
+                  not all(_number_ok(g, 1e-12, math.inf) for g in gains)):
+        raise QpcellError(f"post-processing class_gain {list(gains)!r} must hold one positive "
+                          f"number per class ({len(classes)})", path)
 
 
 def postprocess_meta(post: PostprocessConfig) -> dict:
     """JSON form of a post-processing config."""
     return to_dict(post)
+
+
+def describe_kept(folder: str | Path) -> str | None:
+    """What a (possibly interrupted) training run left in ``folder``, in words, or ``None``.
+
+    Names the kept model's epoch and validation F1: for the message after Ctrl-C.
+    """
+    folder = Path(folder)
+    try:
+        config = read_config(folder)
+    except QpcellError:
+        return None
+    parts = [config.get("training") or {}] if config.get("kind") != "pipeline" else [
+        (config.get("training") or {}).get(p) or {} for p in ("detection", "classification")]
+    found = [f"epoch {t['epoch']}, validation detection F1 {float(t['val_f1']):.3f}"
+             for t in parts if "epoch" in t and "val_f1" in t]
+    if not found:
+        return None
+    return f"the best model so far ({'; '.join(found)}) is kept in {folder}, ready to use"

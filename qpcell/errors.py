@@ -20,3 +20,11 @@ class QpcellError(Exception):
         self.path = None if path is None else Path(path)
         self.message = message
         super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+
+
+class Interrupted(QpcellError):
+    """The user stopped a command (Ctrl-C) and what was done is safe: not a failure.
+
+    The command line prints it as ``interrupted: ...`` (not ``error:``) and exits with 130,
+    the shell's code for Ctrl-C. The message says what was kept and how to go on.
+    """

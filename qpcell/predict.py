@@ -24,10 +24,10 @@ The output folder
 ``<stem>.geojson``, which marks the image as done: a re-run skips images whose GeoJSON exists
 and was made from the same image file by the same model weights (unless ``overwrite``; see
 :mod:`qpcell.prediction_reuse`), and an interrupted image (no GeoJSON) is simply predicted
-again. Before an image is (re)predicted its old GeoJSON is removed, so a marker never vouches
-for files of an earlier run. Every file is written atomically. The CSV and GeoJSON are
-streamed, tile by tile, into their temporary files, so the cells of a slide are never all held
-in memory.
+again. A result that is predicted again is written beside the old one and replaces it only when
+the image is complete (CSV, overlay, then GeoJSON): an interrupted re-run keeps the earlier
+result whole. Every file is written atomically. The CSV and GeoJSON are streamed, tile by tile,
+into their temporary files, so the cells of a slide are never all held in memory.
 ``predictions.json`` (model, classes, pixel sizes, counts per image) is rewritten after each
 image.
 """
@@ -649,7 +649,6 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
             results.append(res)
             emit(PredictEvent("skip", job.name, index, len(jobs), result=res))
             continue
-        paths["geojson"].unlink(missing_ok=True)  # the done marker goes first
         t0 = time.perf_counter()
         warns: list[str] = []
         with open_slide(job.image, mpp=job.mpp) as slide:

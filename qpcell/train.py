@@ -45,10 +45,11 @@ from qpcell.config import (
 )
 from qpcell.device import autocast_dtype
 from qpcell.distributed import barrier, broadcast, default_loader_settings, setup, shard, wrap
-from qpcell.errors import QpcellError
+from qpcell.errors import Interrupted, QpcellError
 from qpcell.io.atomic import atomic_open
 from qpcell.points import AnnotatedImage, CellClass
 from qpcell.schedule import LR_SCHEDULES, Budget, lr_at
+from qpcell.train_guard import check_resume_state
 from qpcell.tuning import edge_notes, image_maps, tune_class_gain, tune_postprocess, validate
 
 RESUME = "resume.pt"
@@ -119,7 +120,7 @@ class TrainCallbacks:
     def on_note(self, text: str) -> None: ...
 
 
-class TrainingInterrupted(QpcellError):
+class TrainingInterrupted(Interrupted):
     """Raised after Ctrl-C once the resumable state is safely on disk."""
 
 
@@ -262,9 +263,6 @@ def prepare_data(images: Sequence[AnnotatedImage], *, model_mpp: float | None,
     if split is None:
         split = split_names([d.name for d in data], train_cfg.val_fraction, train_cfg.seed,
                             val_names)
-    if len(data) == 1:
-        notes.append("only one image: it is used for training and for validation, so the "
-                     "validation scores are optimistic; annotate a second image to check")
     by_name = {d.name: d for d in data}
     return PreparedData(data, [by_name[n] for n in split[0] if n in by_name],
                         [by_name[n] for n in split[1] if n in by_name], split, model_mpp,
@@ -379,7 +377,9 @@ def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, mo
     if amp == torch.float16:
         run.scaler = torch.amp.GradScaler("cuda")
     if resume:
-        restore(run, read_state(out), train_cfg)
+        state = read_state(out)
+        check_resume_state(state, model, classes, out)
+        restore(run, state, train_cfg)
     run.ddp = wrap(model, ctx)  # the forward pass goes through DDP; everything else: `model`
     return run
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from qpcell.cli._app import app, console
+from qpcell.errors import Interrupted
 
 DEMO_CLASSES = 4
 DEMO_MPP = 0.44  # the paper's working resolution: no resampling
@@ -37,6 +38,8 @@ def demo_command(
     from qpcell.metrics import score_dataset
     from qpcell.recipe import recipe
     from qpcell.synthetic import write_synthetic_project
+    from qpcell.train import TrainingInterrupted
+    from qpcell.train_guard import prepare_model_folder
 
     t0 = time.perf_counter()
     data, test = out / "data" / "train", out / "data" / "test"
@@ -51,10 +54,16 @@ def demo_command(
     classes, images = load_source(data)
     model_dir = out / "model"
     fast = recipe("fast", "s-drdin")
-    run_training(classes, images, model_dir, "s-drdin",
-                 model_kwargs={**fast.model_kwargs, "base": base}, model_mpp=DEMO_MPP,
-                 device=device, mask_cfg=fast.mask, patch_cfg=fast.patch, post_cfg=fast.post,
-                 train_cfg=replace(fast.train, time_budget_s=minutes * 60, seed=seed))
+    prepare_model_folder(model_dir, overwrite=True)  # the demo's own folder: start afresh
+    try:
+        run_training(classes, images, model_dir, "s-drdin",
+                     model_kwargs={**fast.model_kwargs, "base": base}, model_mpp=DEMO_MPP,
+                     device=device, mask_cfg=fast.mask, patch_cfg=fast.patch,
+                     post_cfg=fast.post,
+                     train_cfg=replace(fast.train, time_budget_s=minutes * 60, seed=seed))
+    except TrainingInterrupted:
+        raise Interrupted("the demo stopped while training and cannot be resumed; run "
+                          f"`qpcell demo --out {out}` again to start over", model_dir) from None
 
     console.rule("3. predict held-back images")
     predictions = out / "predictions"

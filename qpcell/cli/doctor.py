@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from qpcell import __version__
@@ -160,7 +161,7 @@ def report_project(path: Path, image_root: list[str]) -> bool:
     from qpcell.io.qupath_project import read_project_info
 
     info = read_project_info(path, image_root=image_root or None)
-    console.print(f"[bold]QuPath project[/] {info.path}", highlight=False)
+    console.print(f"[bold]QuPath project[/] {escape(str(info.path))}", highlight=False)
     console.print(f"written by QuPath {info.version or '(version not recorded, before 0.2)'}; "
                   f"{len(info.images)} image(s), {len(info.classes)} class(es)",
                   highlight=False)
@@ -169,16 +170,17 @@ def report_project(path: Path, image_root: list[str]) -> bool:
         table.add_column(col, overflow="fold")
     for img in info.images:
         if img.exists:
-            where = f"[green]found[/] {img.path}"
+            where = f"[green]found[/] {escape(str(img.path))}"
         elif img.path is not None:
-            where = f"[red]missing[/] {img.path}"
+            where = f"[red]missing[/] {escape(str(img.path))}"
         elif img.original_path is not None:
-            where = f"[red]missing[/] {img.original_path} (a path on another computer)"
+            where = (f"[red]missing[/] {escape(str(img.original_path))} (a path on another "
+                     "computer)")
         else:
-            where = f"[red]not a local file[/] {img.uri or '-'}"
+            where = f"[red]not a local file[/] {escape(str(img.uri or '-'))}"
         mpp = f"{img.mpp:.4g}" if img.mpp else "[yellow]unknown[/]"
         server = (img.server or "?").replace("ServerBuilder", "")
-        table.add_row(img.entry_id, img.name, _fmt_size(img), mpp, server, where,
+        table.add_row(img.entry_id, escape(img.name), _fmt_size(img), mpp, server, where,
                       _summary_counts(img.summary))
     console.print(table, highlight=False)
     if info.classes:
@@ -187,7 +189,7 @@ def report_project(path: Path, image_root: list[str]) -> bool:
         classes.add_column("colour")
         for c in info.classes:
             hexa = rgb_hex(c.color)
-            classes.add_row(c.name, f"[{hexa}]■[/] {hexa}")
+            classes.add_row(escape(c.name), f"[{hexa}]■[/] {hexa}")
         console.print(classes, highlight=False)
 
     problems: list[str] = []
@@ -209,7 +211,7 @@ def report_project(path: Path, image_root: list[str]) -> bool:
         problems.append("no classifiers/classes.json: class colours come from the annotations")
     problems += list(info.warnings)
     for p in problems:
-        console.print(f"note: {p}", highlight=False, soft_wrap=True)
+        console.print(f"note: {escape(p)}", highlight=False, soft_wrap=True)
     if not problems:
         console.print("[green]everything the project refers to is here[/]")
     report_points(info.path, image_root, shown=info.warnings)

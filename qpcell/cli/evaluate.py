@@ -20,6 +20,7 @@ from qpcell.errors import QpcellError
 from qpcell.metrics import Report, radius_sweep, score_dataset
 
 GEOJSON_SUFFIXES = (".geojson", ".json")
+TABLE_SUFFIXES = (".txt", ".csv", ".tsv")
 MAX_WARNINGS = 5
 
 
@@ -31,6 +32,7 @@ class _Side:
     images: dict  # stem -> AnnotatedImage
     colors: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    read: str = ""
 
 
 @dataclass
@@ -39,34 +41,68 @@ class _Points:
     labels: np.ndarray
 
 
-def _load_side(path: Path, role: str) -> _Side:
-    """Read a GeoJSON file or a folder of ``<stem>.geojson`` files (project or predictions)."""
-    from qpcell.io.geojson import read_geojson, to_annotated_image
+def _load_side(path: Path, role: str, read: str = "auto") -> _Side:
+    """Read a GeoJSON file, a folder of ``<stem>.geojson`` files (project or predictions), or
+    point tables as ``qpcell import`` takes them; ``read`` says which objects are cells."""
+    from qpcell.io.geojson import SOURCE_WORDS, read_geojson, to_annotated_image
+    from qpcell.io.tables import read_tables
 
     if not path.exists():
         raise QpcellError(f"{role}: no such file or folder", path)
     try:
-        if path.is_file():
+        if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES or (
+                path.is_dir() and not _has_geojson(path) and _has_point_tables(path)):
+            if read not in ("auto", "points"):
+                raise QpcellError(f"point tables hold points, not {read}", path)
+            tables = read_tables(path)
+            images = {img.name: img for img in tables.images}
+            warnings = list(tables.warnings)
+        elif path.is_file():
             if path.suffix.lower() not in GEOJSON_SUFFIXES:
-                raise QpcellError("expected a GeoJSON file (.geojson) or a folder", path)
-            img = to_annotated_image(read_geojson(path), path.stem, source="auto")
+                raise QpcellError("expected a GeoJSON file (.geojson), a point table "
+                                  "(.txt/.csv) or a folder of either", path)
+            img = to_annotated_image(read_geojson(path), path.stem, source=read)
             images = {img.name: img}
             warnings = list(img.metadata.get("warnings", []))
         else:
             from qpcell.io.project import read_project
 
-            project = read_project(path, require_images=False, source="auto")
+            if not _has_geojson(path):
+                raise QpcellError("holds no <stem>.geojson files and no point tables "
+                                  "(.txt/.csv, or a labels/ folder of them)", path)
+            project = read_project(path, require_images=False, source=read)
             images = {img.name: img for img in project.images}
             warnings = list(project.warnings)
-            if not images:
-                raise QpcellError("the folder holds no <stem>.geojson files", path)
     except QpcellError as err:
         raise QpcellError(f"{role}: {err.message}", err.path) from None
     colors: dict[str, tuple[int, int, int]] = {}
     for img in images.values():
         for c in img.classes:
             colors.setdefault(c.name, c.color)
-    return _Side(path, images, colors, warnings)
+    counts: dict[str, int] = {}
+    for img in images.values():
+        kind = img.metadata.get("source", "points")
+        counts[kind] = counts.get(kind, 0) + len(img)
+    what = ", ".join(f"{n:,} {SOURCE_WORDS.get(k, k)}" for k, n in counts.items()) or "nothing"
+    read_line = (f"{role}: read {what} from {len(images)} file{'s' if len(images) != 1 else ''}"
+                 + (" (choose with --read-" + ("gt" if role == "ground truth" else "pred")
+                    + " points|detections|cells)" if read == "auto" else ""))
+    return _Side(path, images, colors, warnings, read_line)
+
+
+def _has_geojson(folder: Path) -> bool:
+    return any(p.name.lower().endswith(".geojson") and not p.name.startswith(".")
+               for p in folder.iterdir())
+
+
+def _has_point_tables(folder: Path) -> bool:
+    from qpcell.io.tables import resolve_dataset
+
+    try:
+        resolve_dataset(folder)
+    except QpcellError:
+        return False
+    return True
 
 
 def _parse_radii(text: str, what: str) -> list[float]:
@@ -233,6 +269,13 @@ def evaluate_command(
     classes: Annotated[str | None, typer.Option(
         "--classes", help="Comma-separated class names to score, in this order; cells of "
         "other classes are left out on both sides (default: every class).")] = None,
+    read_pred: Annotated[str, typer.Option(
+        "--read-pred", help="Which objects of the prediction files are cells: points "
+        "(point annotations), detections (detection and cell objects), cells (cell objects "
+        "only) or auto (the kind that carries the classes).")] = "auto",
+    read_gt: Annotated[str, typer.Option(
+        "--read-gt", help="Which objects of the ground-truth files are cells (as "
+        "--read-pred).")] = "auto",
 ) -> None:
     """``qpcell evaluate``: see ``_HELP``."""
     unit = _unit(radius_unit)
@@ -242,8 +285,13 @@ def evaluate_command(
     if not (math.isfinite(radius) and radius >= 0):
         raise QpcellError(f"--radius {radius!r} must be a number >= 0")
 
-    gt_side = _load_side(gt, "ground truth")
-    pred_side = _load_side(pred, "predictions")
+    from qpcell.io.geojson import SOURCES
+
+    for option, value in (("--read-pred", read_pred), ("--read-gt", read_gt)):
+        if value not in SOURCES:
+            raise QpcellError(f"{option} {value!r}: choose from {', '.join(SOURCES)}")
+    gt_side = _load_side(gt, "ground truth", read_gt)
+    pred_side = _load_side(pred, "predictions", read_pred)
 
     # pair images by stem (two single files are paired whatever their names)
     if gt.is_file() and pred.is_file():
@@ -329,6 +377,8 @@ def evaluate_command(
 
     console.print(f"[bold]qpcell evaluate[/]  predictions {escape(str(pred))}  ground truth "
                   f"{escape(str(gt))}", highlight=False, soft_wrap=True)
+    for side in (pred_side, gt_side):
+        console.print(escape(side.read), highlight=False, soft_wrap=True)
     console.print(f"{len(stems)} images ({len(common)} with predictions), {rep.n_true} true "
                   f"and {rep.n_pred} predicted cells; classes: {escape(', '.join(names))}; "
                   f"matching radius {_radius_text(radius_px, pixel)}", highlight=False)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from qpcell.cli._app import app, console, err_console
+from qpcell.cli._app import app, console, print_warning
 from qpcell.errors import QpcellError
 
 MAX_WARNINGS = 50
@@ -18,10 +18,9 @@ MAX_WARNINGS = 50
 def print_warnings(warnings: list[str], limit: int = MAX_WARNINGS) -> None:
     """Each warning as one yellow line on stderr (at most ``limit``, then a count)."""
     for w in warnings[:limit]:
-        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        print_warning(w)
     if len(warnings) > limit:
-        err_console.print(f"[yellow]warning:[/] ... and {len(warnings) - limit} more warnings",
-                          highlight=False)
+        print_warning(f"... and {len(warnings) - limit} more warnings")
 
 
 @app.command("import")
@@ -45,6 +44,10 @@ def import_command(
         "--mpp", help="Pixel size in µm per pixel, recorded in metadata.json.")] = None,
     link: Annotated[bool, typer.Option(
         "--link", help="Symlink the images instead of copying them.")] = False,
+    on_conflict: Annotated[str, typer.Option(
+        "--on-conflict", help="Points of different classes at one spot: error (stop and "
+        "name the first), drop (drop them all) or first (keep the first in the table); "
+        "drop and first report how many were affected.")] = "error",
 ) -> None:
     """Turn point tables (x, y, class per cell) into a GeoJSON project for training.
 
@@ -52,9 +55,13 @@ def import_command(
 
     Check the points in QuPath: File > Import objects, then pick the .geojson.
     """
-    from qpcell.io.project import write_project
+    from qpcell.io.geojson import CONFLICTS
+    from qpcell.io.project import check_new_folder, write_project
     from qpcell.io.tables import TABLE_FORMATS, import_tables
 
+    if on_conflict not in CONFLICTS:
+        raise QpcellError(f"--on-conflict {on_conflict!r}: choose from {', '.join(CONFLICTS)}")
+    check_new_folder(out)
     if fmt not in TABLE_FORMATS:
         raise QpcellError(f"--format must be one of {', '.join(TABLE_FORMATS)}, not {fmt!r}")
     names = None
@@ -62,7 +69,8 @@ def import_command(
         names = [c.strip() for c in classes.split(",")]
         if any(not n for n in names):
             raise QpcellError(f"--classes {classes!r} has an empty class name")
-    result = import_tables(source, images, fmt=fmt, class_names=names, mpp=mpp)
+    result = import_tables(source, images, fmt=fmt, class_names=names, mpp=mpp,
+                           conflicts=on_conflict)
     write_project(out, result.images, copy_images=not link)
     print_warnings(result.warnings)
 

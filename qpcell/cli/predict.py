@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -16,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from qpcell.cli._app import app, console, err_console
+from qpcell.cli._app import app, console, print_note, print_warning
 from qpcell.errors import QpcellError
 
 
@@ -56,8 +57,9 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
         for job in jobs:
             job.regions = list(region_geoms)
     predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()), backend=backend)
+    _remove_leftovers(out, jobs)
     if show:
-        console.print(f"model [bold]{bundle.name}[/] ({len(bundle.classes)} classes, "
+        console.print(f"model [bold]{escape(bundle.name)}[/] ({len(bundle.classes)} classes, "
                       f"{bundle.mpp or 'native'} µm/px) on {describe(bundle.device)} "
                       f"({resolve_backend(backend, bundle.device)}); "
                       f"{len(jobs)} image(s)", highlight=False)
@@ -76,8 +78,7 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
             elif event.kind in ("done", "skip"):
                 progress.advance(images_task)
                 for warning in event.result.warnings:
-                    err_console.print(f"[yellow]warning:[/] {event.name}: {warning}",
-                                      highlight=False)
+                    print_warning(f"{event.name}: {warning}")
 
         results = predict_to_folder(jobs, predictor, out, overwrite=overwrite,
                                     tile_size=tile_size, batch_size=batch_size, tissue=tissue,
@@ -98,11 +99,24 @@ def _print_table(out: Path, classes, items: list) -> None:
     table.add_column("status", style="dim")
     for r in items:
         if not hasattr(r, "counts"):
-            table.add_row(r.name, *("-" for _ in names), "-", f"[red]failed:[/] {r.error}")
+            table.add_row(escape(r.name), *("-" for _ in names), "-",
+                          f"[red]failed:[/] {escape(str(r.error))}")
             continue
-        table.add_row(r.name, *(str(r.counts.get(n, 0)) for n in names), str(r.n_cells),
+        table.add_row(escape(r.name), *(str(r.counts.get(n, 0)) for n in names), str(r.n_cells),
                       "skipped (exists)" if r.skipped else f"{r.seconds:.1f}s")
     console.print(table)
+
+
+def _remove_leftovers(out: Path, jobs: list) -> None:
+    """Delete the temporary files a killed run left for these images' outputs, with a note."""
+    from qpcell.io.atomic import remove_leftover_temporaries
+    from qpcell.predict import SUMMARY_FILE, output_paths
+
+    names = [SUMMARY_FILE] + [p.name for j in jobs for p in output_paths(out, j.name).values()]
+    removed, freed = remove_leftover_temporaries(out, names)
+    if removed:
+        print_note(f"{out}: removed {removed} temporary file(s) ({freed / 1e6:.1f} MB) that an "
+                   "interrupted run left behind")
 
 
 @dataclass(frozen=True)
@@ -133,6 +147,7 @@ def _run_on_cluster(model: Path, source: Path, out: Path, cluster: ClusterArgs, 
         for job in jobs:
             job.regions = list(region_geoms)
     predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()), backend=backend)
+    _remove_leftovers(out, jobs)
     options = CohortOptions(device=device, backend=backend, tile_size=tile_size,
                             batch_size=batch_size,
                             tissue=tissue, post_workers=workers,
@@ -158,19 +173,17 @@ def _run_on_cluster(model: Path, source: Path, out: Path, cluster: ClusterArgs, 
             def on_event(event) -> None:
                 nonlocal failed
                 if event.kind == "split":
-                    progress.console.print(f"{event.name}: {event.blocks} blocks of tiles",
-                                           highlight=False)
+                    progress.console.print(f"{escape(event.name)}: {event.blocks} blocks of "
+                                           "tiles", highlight=False)
                     return
                 progress.advance(task)
                 if event.kind == "fail":
                     failed += 1
                     progress.update(task, info=f"[red]{failed} failed[/]")
-                    err_console.print(f"[red]failed:[/] {event.name}: {event.error}",
-                                      highlight=False, soft_wrap=True)
+                    print_warning(f"failed: {event.name}: {event.error}")
                     return
                 for warning in event.result.warnings:
-                    err_console.print(f"[yellow]warning:[/] {event.name}: {warning}",
-                                      highlight=False)
+                    print_warning(f"{event.name}: {warning}")
 
             outcome = predict_cohort(jobs, model, out, client, overwrite=overwrite,
                                      options=options, predictor=predictor, on_event=on_event)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from qpcell.annotate import AnnotateReport, annotate_back, check_options, rgb_hex
@@ -33,8 +34,8 @@ def print_annotate_report(report: AnnotateReport) -> None:
                           ("status", "left")):
         table.add_column(name, justify=justify, overflow="fold")
     for r in report.results:
-        per_class = "\n".join(f"{k} {v}" for k, v in r.counts.items() if v)
-        table.add_row(r.name, r.prediction.name, str(r.added), per_class or "-",
+        per_class = "\n".join(f"{escape(k)} {v}" for k, v in r.counts.items() if v)
+        table.add_row(escape(r.name), escape(r.prediction.name), str(r.added), per_class or "-",
                       "?" if r.removed is None else str(r.removed),
                       "?" if r.kept is None else str(r.kept), r.status)
     console.print(table)
@@ -49,14 +50,15 @@ def print_annotate_report(report: AnnotateReport) -> None:
         new = {c.name for c in report.new_classes}
         for c in report.classes:
             hexa = rgb_hex(c.color)
-            classes.add_row(c.name, f"[{hexa}]■[/] {hexa}",
+            classes.add_row(escape(c.name), f"[{hexa}]■[/] {hexa}",
                             ("added" if not report.dry_run else "will be added")
                             if c.name in new else "yes")
         console.print(classes)
     if report.backup is not None:
-        console.print(f"backup of the changed image data: {report.backup}", highlight=False)
+        console.print(f"backup of the changed image data: {escape(str(report.backup))}",
+                      highlight=False)
     for note in report.notes:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     if report.dry_run:
         console.print(DRY_RUN_NOTE)
 

@@ -17,12 +17,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from qpcell.cli._app import app, console, err_console
+from qpcell.cli._app import app, console, print_note
 from qpcell.config import PAPER_MPP, SAMPLINGS, SELECT_ON, TrainConfig
 from qpcell.device import PRECISIONS
 from qpcell.errors import QpcellError
 from qpcell.recipe import DEFAULT_BUDGET_MIN, RECIPES, recipe
 from qpcell.train import EpochSummary, TrainCallbacks, TrainResult
+from qpcell.train_guard import prepare_model_folder, training_notes
 
 SEPARATE = "separate"
 MTL = "mtl-ihc"
@@ -213,6 +214,7 @@ def train_command(
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, mps (default: best "
                                       "available)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, help="Replace the model already in --out."),
     image_root: list[str] = typer.Option([], help="OLD=NEW prefix to remap moved images of "
                                          "a QuPath project (repeatable)."),
     aux: str = typer.Option("dynamic,prior", help="mtl-ihc auxiliary decoders: 'none' (paper "
@@ -232,6 +234,7 @@ def train_command(
     if not is_main():  # under torchrun only rank 0 prints; errors still show from every rank
         console.quiet = True
 
+    prepare_model_folder(out, resume=resume, overwrite=overwrite)
     model_mpp_value = parse_mpp(model_mpp)
     if recipe_name not in RECIPES:
         raise QpcellError(f"--recipe {recipe_name!r}: choose from {', '.join(RECIPES)}")
@@ -278,8 +281,8 @@ def train_command(
     notes: list[str] = []
     classes, annotated = load_source(source, images=images.split(",") if images else None,
                                      image_root=roots or None, notes=notes)
-    for note in notes:
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    for note in notes + training_notes(annotated, val_images):
+        print_note(note)
     console.print(f"[bold]{len(annotated)}[/] images, "
                   f"{sum(len(a) for a in annotated)} points, classes: "
                   + ", ".join(c.name for c in classes), highlight=False)

@@ -54,6 +54,7 @@ from qpcell.points import RGB, AnnotatedImage, CellClass, Detections, default_co
 
 __all__ = [
     "DEFAULT_MPP",
+    "CONFLICTS",
     "DUPLICATE_TOLERANCE_PX",
     "QPCELL_SCORE",
     "QuPathObjects",
@@ -66,6 +67,7 @@ __all__ = [
     "probability_key",
     "read_geojson",
     "resolve_source",
+    "SOURCES",
     "to_annotated_image",
     "to_detections",
     "write_detections",
@@ -79,6 +81,9 @@ DEFAULT_MPP = 0.44
 """Pixel size (µm/px) assumed for circle radii when the image's pixel size is unknown (20x)."""
 
 DUPLICATE_TOLERANCE_PX = 1e-6
+#: The largest coordinate (pixels) qpcell accepts: QuPath's image sizes are 32-bit integers,
+#: so anything beyond is a corrupt or mis-scaled file, not a cell.
+MAX_COORDINATE_PX = 2.0 ** 31
 """Two points closer than this (pixels) are the same point."""
 
 CIRCLE_VERTICES = 16
@@ -129,6 +134,8 @@ class QuPathObjects:
         Class name of each detection; ``None`` = unclassified.
     detection_measurements
         Measurements of each detection, ``name -> float`` (may hold NaN, as QuPath writes).
+    detection_type
+        QuPath object type of each detection: ``"detection"`` or ``"cell"``.
     class_colors
         ``name -> (r, g, b)``: the first colour the file gives each class.
     set_aside
@@ -145,15 +152,29 @@ class QuPathObjects:
     detection_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     detection_class: list[str | None] = field(default_factory=list)
     detection_measurements: list[dict[str, float]] = field(default_factory=list)
+    detection_type: list[str] = field(default_factory=list)
     class_colors: dict[str, RGB] = field(default_factory=dict)
     set_aside: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     path: Path | None = None
 
     def class_names(self, source: str = "points") -> list[str]:
-        """Class names of ``source`` (``"points"`` or ``"detections"``), by first appearance."""
-        names = self.point_class if source == "points" else self.detection_class
+        """Class names of ``source`` (see :data:`SOURCES`, not ``"auto"``), by first
+        appearance."""
+        _, names = self.select(source)
         return [n for n in dict.fromkeys(names) if n is not None]
+
+    def select(self, source: str) -> tuple[np.ndarray, list[str | None]]:
+        """Positions and class names of the objects ``source`` names (not ``"auto"``):
+        ``"points"``, ``"detections"`` (detection and cell objects) or ``"cells"``."""
+        if source == "points":
+            return self.point_xy, self.point_class
+        if source == "cells":
+            types = self.detection_type or ["detection"] * len(self.detection_class)
+            idx = [i for i, t in enumerate(types) if t == "cell"]
+            return (np.asarray(self.detection_xy).reshape(-1, 2)[idx],
+                    [self.detection_class[i] for i in idx])
+        return self.detection_xy, self.detection_class
 
 
 # --------------------------------------------------------------------------- reading
@@ -290,6 +311,9 @@ def _points_array(coords: Any, gtype: str) -> np.ndarray:
     arr = arr[:, :2]
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{gtype} has a NaN, infinite or missing coordinate")
+    if not np.all(np.abs(arr) <= MAX_COORDINATE_PX):
+        raise ValueError(f"{gtype} has a coordinate beyond any image "
+                         f"({np.abs(arr).max():g}; at most {MAX_COORDINATE_PX:.0f} px)")
     return arr
 
 
@@ -318,7 +342,8 @@ def _ring_vertices(flat: list, rings: list[list]) -> tuple[np.ndarray, int | Non
     """
     try:
         pts = np.asarray(flat, dtype=np.float64)
-        if pts.ndim == 2 and pts.shape[1] >= 2 and np.all(np.isfinite(pts[:, :2])):
+        if pts.ndim == 2 and pts.shape[1] >= 2 and np.all(np.abs(pts[:, :2])
+                                                          <= MAX_COORDINATE_PX):
             return pts[:, :2], None
     except (TypeError, ValueError):
         pass
@@ -328,7 +353,8 @@ def _ring_vertices(flat: list, rings: list[list]) -> tuple[np.ndarray, int | Non
             arr = np.asarray(ring, dtype=np.float64)
         except (TypeError, ValueError):
             return np.zeros((0, 2)), r
-        if arr.ndim != 2 or arr.shape[1] < 2 or not np.all(np.isfinite(arr[:, :2])):
+        if arr.ndim != 2 or arr.shape[1] < 2 or not np.all(np.abs(arr[:, :2])
+                                                            <= MAX_COORDINATE_PX):
             return np.zeros((0, 2)), r
         parts.append(arr[:, :2])
     return np.concatenate(parts), None
@@ -381,8 +407,9 @@ def _polygon_centroids(pts: np.ndarray, ring_len: np.ndarray, ring_sign: np.ndar
 def _region(geom: dict, gtype: str) -> BaseGeometry | None:
     """A polygon annotation's geometry (holes kept), or None if it has no area."""
     for ring, _ in _polygon_rings(geom["coordinates"], gtype):
-        if not np.all(np.isfinite(np.asarray(ring, dtype=np.float64))):
-            raise ValueError("a region has a NaN, infinite or missing coordinate")
+        if not np.all(np.abs(np.asarray(ring, dtype=np.float64)) <= MAX_COORDINATE_PX):
+            raise ValueError("a region has a NaN, infinite, missing or huge (beyond "
+                             f"{MAX_COORDINATE_PX:.0f} px) coordinate")
     region = to_shape(geom)
     return None if region.is_empty else region
 
@@ -515,6 +542,7 @@ def parse_geojson(data: Any, *, path: str | Path | None = None) -> QuPathObjects
     point_class: list[str | None] = []
     # detections: polygons go through the vectorised centroid, points are direct
     det_class: list[str | None] = []
+    det_type: list[str] = []
     det_meas: list[dict[str, float]] = []
     det_direct: dict[int, np.ndarray] = {}
     det_feature: list[int] = []  # feature index of each detection
@@ -621,6 +649,7 @@ def parse_geojson(data: Any, *, path: str | Path | None = None) -> QuPathObjects
                     reason = f"a {gtype} {otype} has no area to take a centre from"
                 if reason is None:
                     det_class.append(cname)
+                    det_type.append(otype)
                     det_feature.append(i)
                     det_meas.append(_parse_measurements(props.get("measurements")))
                     continue
@@ -639,8 +668,9 @@ def parse_geojson(data: Any, *, path: str | Path | None = None) -> QuPathObjects
             owner = np.asarray(ring_owner, dtype=np.intp)
             pts, bad = _ring_vertices(flat, ring_list)
             if bad is not None:
-                raise fail(det_feature[ring_owner[bad]], "an outline has a NaN, infinite, "
-                           "missing or malformed coordinate")
+                raise fail(det_feature[ring_owner[bad]],
+                           "an outline has a NaN, infinite, missing, malformed or huge "
+                           f"(beyond {MAX_COORDINATE_PX:.0f} px) coordinate")
             cen = _polygon_centroids(pts, np.asarray(ring_len, dtype=np.intp),
                                      np.asarray(ring_sign, dtype=np.float64), owner,
                                      len(det_class))
@@ -651,6 +681,7 @@ def parse_geojson(data: Any, *, path: str | Path | None = None) -> QuPathObjects
             xy[d] = c
         objs.detection_xy = xy
         objs.detection_class = det_class
+        objs.detection_type = det_type
         objs.detection_measurements = det_meas
     return objs
 
@@ -658,14 +689,18 @@ def parse_geojson(data: Any, *, path: str | Path | None = None) -> QuPathObjects
 # ------------------------------------------------------------------ to qpcell's types
 
 
+#: What to do with points of different classes at one spot (``qpcell import --on-conflict``).
+CONFLICTS = ("error", "drop", "first")
+
+
 def drop_duplicate_points(xy: np.ndarray, names: Sequence[str], *, where: str = "",
-                          tolerance: float = DUPLICATE_TOLERANCE_PX
+                          tolerance: float = DUPLICATE_TOLERANCE_PX, conflicts: str = "error"
                           ) -> tuple[np.ndarray, list[str]]:
     """Find points annotated twice.
 
-    Points of the same class closer than ``tolerance`` pixels are one point: all but the
-    first are dropped, with one warning. Points of *different* classes at the same spot
-    are a contradiction the user must resolve.
+    Points closer than ``tolerance`` pixels are one spot. Points of the same class at one
+    spot are one point: all but the first are dropped, with one warning. Points of
+    *different* classes at one spot are a contradiction: ``conflicts`` says what happens.
 
     Parameters
     ----------
@@ -675,17 +710,24 @@ def drop_duplicate_points(xy: np.ndarray, names: Sequence[str], *, where: str = 
         Class name of each point.
     where
         Names the file or image in messages.
+    conflicts
+        ``"error"`` (raise, naming the first such spot), ``"drop"`` (drop every point at
+        such spots) or ``"first"`` (keep the first point in file order), each with a warning
+        that counts the spots and points affected.
 
     Returns
     -------
     keep, warnings
-        A boolean mask of the points to keep, and the warnings (at most one line).
+        A boolean mask of the points to keep, and the warnings (at most two lines).
 
     Raises
     ------
     QpcellError
-        If two points closer than ``tolerance`` have different classes (names both).
+        With ``conflicts="error"``, if two points at one spot have different classes.
     """
+    if conflicts not in CONFLICTS:
+        raise QpcellError(f"on a conflict: choose from {', '.join(CONFLICTS)}, not "
+                          f"{conflicts!r}")
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     keep = np.ones(len(xy), dtype=bool)
     if len(xy) < 2:
@@ -694,50 +736,99 @@ def drop_duplicate_points(xy: np.ndarray, names: Sequence[str], *, where: str = 
 
     prefix = f"{where}: " if where else ""
     labels = np.asarray(names, dtype=object)
-
-    def check(i: np.ndarray, j: np.ndarray) -> None:
-        bad = np.flatnonzero(labels[i] != labels[j])
-        if bad.size:
-            a, b = sorted((int(i[bad[0]]), int(j[bad[0]])))  # in file order
-            x, y = xy[a]
-            raise QpcellError(f"{prefix}two points at ({x:g}, {y:g}) have different classes "
-                              f"{labels[a]!r} and {labels[b]!r}; keep one of them")
-
     # identical positions first (the common case, and linear however many there are) ...
     _, first, inverse = np.unique(xy, axis=0, return_index=True, return_inverse=True)
-    rep = first[inverse.reshape(-1)]  # the first point at each position
-    check(np.arange(len(xy)), rep)
-    keep[:] = False
-    keep[first] = True
-    # ... then distinct positions closer than the tolerance
-    kept = np.sort(first)
-    pairs = cKDTree(xy[kept]).query_pairs(tolerance, output_type="ndarray")
+    spot = inverse.reshape(-1)
+    # ... then distinct positions closer than the tolerance join one spot
+    pairs = cKDTree(xy[first]).query_pairs(tolerance, output_type="ndarray")
     if len(pairs):
-        i, j = kept[pairs[:, 0]], kept[pairs[:, 1]]
-        check(i, j)
-        keep[np.maximum(i, j)] = False
-    if keep.all():
+        parent = np.arange(len(first))
+
+        def root(k: int) -> int:
+            while parent[k] != k:
+                parent[k] = parent[parent[k]]
+                k = parent[k]
+            return k
+
+        for a, b in pairs:
+            ra, rb = root(int(a)), root(int(b))
+            parent[max(ra, rb)] = min(ra, rb)
+        spot = np.array([root(int(k)) for k in range(len(first))])[spot]
+    if len(np.unique(spot)) == len(xy):
         return keep, []
-    first = int(np.flatnonzero(~keep)[0])
-    n = int((~keep).sum())
-    x, y = xy[first]
-    return keep, [f"{prefix}{n} duplicate point{'s' if n > 1 else ''} (same class, same "
-                  f"position) kept once, e.g. ({x:g}, {y:g}) {names[first]!r}"]
+    _, label_id = np.unique(labels.astype(str), return_inverse=True)
+    spot_label = np.unique(np.stack([spot, label_id.reshape(-1)], axis=1), axis=0)
+    n_labels = np.bincount(spot_label[:, 0], minlength=int(spot.max()) + 1)
+    conflict = n_labels[spot] > 1  # per point: its spot holds more than one class
+    order = np.lexsort((np.arange(len(xy)), spot))  # by spot, then file order
+    is_first = np.ones(len(xy), dtype=bool)
+    is_first[order[1:]] = spot[order[1:]] != spot[order[:-1]]
+    warnings = []
+    if conflict.any():
+        bad = np.flatnonzero(conflict)
+        n_spots = len(np.unique(spot[bad]))
+        a = int(bad[0])
+        b = int(next(i for i in bad if spot[i] == spot[a] and labels[i] != labels[a]))
+        x, y = xy[a]
+        if conflicts == "error":
+            raise QpcellError(f"{prefix}two points at ({x:g}, {y:g}) have different classes "
+                              f"{labels[a]!r} and {labels[b]!r}; keep one of them "
+                              f"({n_spots} spot{'s' if n_spots > 1 else ''} like this; "
+                              "`qpcell import --on-conflict drop` or `first` decides for you)")
+        if conflicts == "drop":
+            keep[bad] = False
+            warnings.append(f"{prefix}{n_spots} spot{'s' if n_spots > 1 else ''} had points "
+                            f"of different classes: all {len(bad)} points there dropped, e.g. "
+                            f"({x:g}, {y:g}) {labels[a]!r} and {labels[b]!r}")
+        else:
+            keep[bad] = is_first[bad]
+            warnings.append(f"{prefix}{n_spots} spot{'s' if n_spots > 1 else ''} had points "
+                            f"of different classes: the first of each kept, "
+                            f"{len(bad) - int(is_first[bad].sum())} dropped, e.g. "
+                            f"({x:g}, {y:g}) {labels[a]!r} kept, {labels[b]!r} dropped")
+    same = ~conflict & ~is_first
+    if same.any():
+        keep[same] = False
+        k = int(np.flatnonzero(same)[0])
+        n = int(same.sum())
+        x, y = xy[k]
+        warnings.insert(0, f"{prefix}{n} duplicate point{'s' if n > 1 else ''} (same class, "
+                           f"same position) kept once, e.g. ({x:g}, {y:g}) {names[k]!r}")
+    return keep, warnings
+
+
+#: What :func:`to_annotated_image` can read from a file as cells.
+SOURCES = ("auto", "points", "detections", "cells")
+
+#: How each source is named to the user.
+SOURCE_WORDS = {"points": "point annotations", "detections": "detection and cell objects",
+                "cells": "cell objects"}
 
 
 def resolve_source(objs: QuPathObjects, source: str) -> str:
-    """``"points"`` or ``"detections"``: what ``source`` (may be ``"auto"``) means for ``objs``."""
-    if source not in ("auto", "points", "detections"):
-        raise QpcellError(f"source must be 'auto', 'points' or 'detections', not {source!r}")
-    if source == "auto":
-        return "points" if len(objs.point_xy) or not len(objs.detection_xy) else "detections"
-    return source
+    """``"points"``, ``"detections"`` or ``"cells"``: what ``source`` means for ``objs``.
+
+    ``"auto"`` reads the objects that carry the classes: point annotations when any point
+    has a class, else detection and cell objects when any of them has one; with no class
+    anywhere, points when there are any, else detections. So a QuPath export of classified
+    cells plus a few unclassified calibration points reads the cells.
+    """
+    if source not in SOURCES:
+        raise QpcellError(f"what to read must be one of {', '.join(SOURCES)}, not {source!r}")
+    if source != "auto":
+        return source
+    if any(c is not None for c in objs.point_class):
+        return "points"
+    if any(c is not None for c in objs.detection_class):
+        return "detections"
+    return "points" if len(objs.point_xy) or not len(objs.detection_xy) else "detections"
 
 
 def to_annotated_image(objs: QuPathObjects, name: str, *,
                        classes: Sequence[CellClass] | None = None, source: str = "auto",
                        image: str | Path | None = None, mpp: float | None = None,
-                       image_size: tuple[int, int] | None = None) -> AnnotatedImage:
+                       image_size: tuple[int, int] | None = None,
+                       conflicts: str = "error") -> AnnotatedImage:
     """Turn the objects of one file into an :class:`~qpcell.points.AnnotatedImage`.
 
     Parameters
@@ -752,12 +843,16 @@ def to_annotated_image(objs: QuPathObjects, name: str, *,
         :func:`~qpcell.points.default_color`).
     source
         ``"points"`` (point annotations), ``"detections"`` (centroids of detection and cell
-        objects) or ``"auto"`` (points if the file has any, else detections).
+        objects), ``"cells"`` (cell objects only) or ``"auto"`` (the kind that carries the
+        classes, see :func:`resolve_source`); ``metadata["source"]`` says which was read.
     image, mpp
         Stored on the result.
     image_size
         ``(width, height)`` in pixels, when known: points outside ``0 <= x < width``,
         ``0 <= y < height`` are skipped with a warning.
+    conflicts
+        Points of different classes at one spot: ``"error"``, ``"drop"`` or ``"first"``
+        (see :func:`drop_duplicate_points`).
 
     Unclassified points are skipped with a warning; duplicate points are kept once with a
     warning (see :func:`drop_duplicate_points`). Every warning, the file's own included, is
@@ -771,10 +866,7 @@ def to_annotated_image(objs: QuPathObjects, name: str, *,
     where = str(objs.path) if objs.path is not None else name
     source = resolve_source(objs, source)
     warnings = [f"{where}: {w}" for w in objs.warnings]
-    if source == "points":
-        xy, names = objs.point_xy, objs.point_class
-    else:
-        xy, names = objs.detection_xy, objs.detection_class
+    xy, names = objs.select(source)
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     if objs.set_aside:
         n = len(objs.set_aside)
@@ -786,6 +878,12 @@ def to_annotated_image(objs: QuPathObjects, name: str, *,
         n = int((~keep).sum())
         warnings.append(f"{where}: {n} unclassified {source[:-1]}{'s' if n > 1 else ''} "
                         "skipped (give them a class in QuPath to use them)")
+    other = {"points": "detections", "detections": "points", "cells": "points"}[source]
+    other_xy, other_names = objs.select(other)
+    n_other = sum(c is not None for c in other_names)
+    if n_other:
+        warnings.append(f"{where}: read the {SOURCE_WORDS[source]}; {n_other} classified "
+                        f"{SOURCE_WORDS[other]} in the file were not read")
     if image_size is not None and len(xy):
         w, h = image_size
         inside = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
@@ -814,7 +912,8 @@ def to_annotated_image(objs: QuPathObjects, name: str, *,
                           f"({', '.join(c.name for c in cell_classes) or 'empty'})",
                           objs.path)
     labels = np.fromiter((index[n] for n in kept_names), dtype=np.int64, count=len(kept_names))
-    dedup, dup_warnings = drop_duplicate_points(xy, kept_names, where=where)
+    dedup, dup_warnings = drop_duplicate_points(xy, kept_names, where=where,
+                                                conflicts=conflicts)
     if not dedup.all():
         xy, labels = xy[dedup], labels[dedup]
     warnings += dup_warnings

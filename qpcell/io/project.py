@@ -30,7 +30,7 @@ from pathlib import Path
 
 from qpcell import __version__
 from qpcell.errors import QpcellError
-from qpcell.io.atomic import atomic_write_text
+from qpcell.io.atomic import atomic_write_text, new_file_mode
 from qpcell.io.geojson import (
     QuPathObjects,
     parse_color,
@@ -49,6 +49,7 @@ __all__ = [
     "natural_key",
     "read_classes_json",
     "read_project",
+    "check_new_folder",
     "scan_images",
     "split_image_name",
     "write_classes_json",
@@ -346,10 +347,12 @@ def read_project(folder: str | Path, *, classes: Sequence[CellClass] | None = No
 
 
 def _place_image(src: Path, dest: Path, copy: bool) -> None:
-    """Copy or symlink ``src`` to ``dest`` atomically (nothing to do if it is already there)."""
+    """Copy or symlink ``src`` to ``dest`` atomically (nothing to do if it is already there);
+    a copy gets the permissions of a new file (the umask), not the temporary file's 0600."""
     if dest.exists() and dest.resolve() == src.resolve():
         return
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.fchmod(fd, new_file_mode(dest))
     os.close(fd)
     try:
         if copy:
@@ -362,6 +365,30 @@ def _place_image(src: Path, dest: Path, copy: bool) -> None:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_new_folder(folder: str | Path) -> None:
+    """Refuse to write a new project into a folder that already holds files.
+
+    Old images or annotation files left there would be trained on as if they belonged to
+    the new project, and the user's annotations must never be overwritten.
+
+    Raises
+    ------
+    QpcellError
+        If ``folder`` is a file, or a folder holding anything but hidden files.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise QpcellError("is a file, not a folder", folder)
+    if not folder.is_dir():
+        return
+    held = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    if held:
+        raise QpcellError(f"already holds {len(held)} file(s) ({', '.join(held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}); a re-import there would mix "
+                          "old and new images: choose a new --out folder (or move the old "
+                          "one away)", folder)
 
 
 def write_project(folder: str | Path, images: Sequence[AnnotatedImage], *,

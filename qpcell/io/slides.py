@@ -130,6 +130,29 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
+def check_pixels(arr: np.ndarray, path: str | Path | None) -> None:
+    """Refuse pixels qpcell would silently turn into a blank or wrong picture.
+
+    Models see RGB brightfield: an image with more than 4 channels (multiplex fluorescence,
+    a stack read the wrong way round) has no RGB view qpcell could choose for the user, and
+    an image whose alpha is 0 everywhere composites to plain white (no cells).
+
+    Raises
+    ------
+    QpcellError
+        Naming ``path``.
+    """
+    channels = arr.shape[2] if arr.ndim == 3 else 1
+    if channels > 4:
+        raise QpcellError(f"has {channels} channels; qpcell reads RGB brightfield images (3 "
+                          "channels, or 4 with transparency): export an RGB image of the "
+                          "channels to use (QuPath: File > Export images, 'Rendered RGB')",
+                          path)
+    if channels in (2, 4) and arr.size and not np.any(arr[..., -1]):
+        raise QpcellError("every pixel is fully transparent (alpha 0), so the image is "
+                          "blank to qpcell; save it without the alpha channel", path)
+
+
 class _ArrayBackend:
     """One in-memory image (PNG, JPEG, strip TIFF)."""
 
@@ -172,6 +195,7 @@ class _TiffSlideBackend:
         # value scale from the smallest level (16-bit scans and the like)
         lw, lh = self.level_dims[-1]
         sample = self._raw(len(self.level_dims) - 1, 0, 0, min(lw, 2048), min(lh, 2048))
+        check_pixels(sample, path)
         self.value_scale = _value_scale(sample)
 
     def _raw(self, level, x, y, w, h):
@@ -512,6 +536,7 @@ def _open_pil(path: Path, mpp: float | None) -> Slide:
         Image.MAX_IMAGE_PIXELS = old
     if im.mode.startswith("I;16"):
         arr = arr.astype(np.uint16)
+    check_pixels(arr, path)
     props = {k: v for k, v in info.items() if isinstance(v, str | int | float | tuple)}
     return Slide(_ArrayBackend(arr), properties=props, mpp=mpp, file_mpp=_pil_mpp(info),
                  path=path)
@@ -540,10 +565,13 @@ def _open_tifffile(path: Path, mpp: float | None) -> Slide:
             file_mpp = _tiff_tag_mpp(tf.pages[0])
         axes = series.axes
     arr = np.squeeze(arr)
-    if arr.ndim == 3 and axes.replace("Q", "").endswith("YX") and arr.shape[0] <= 4 < arr.shape[2]:
+    # planes first (CYX, or QYX where tifffile cannot tell): a small first axis is channels
+    if arr.ndim == 3 and axes.endswith("YX") and arr.shape[0] < min(arr.shape[1:]) and \
+            arr.shape[0] <= 64:
         arr = np.moveaxis(arr, 0, -1)  # CYX -> YXC
     if arr.ndim == 4:  # e.g. Z or T stacks: first plane
         arr = arr[0]
+    check_pixels(arr, path)
     return Slide(_ArrayBackend(arr), mpp=mpp, file_mpp=file_mpp, path=path)
 
 
@@ -576,9 +604,13 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     if name.endswith(_TIFF_SUFFIXES):
         try:
             backend = _TiffSlideBackend(path)
+        except QpcellError:
+            raise
         except Exception as first:  # noqa: BLE001 - fall back to tifffile, then report
             try:
                 return _open_tifffile(path, mpp)
+            except QpcellError:
+                raise
             except Exception as err:  # noqa: BLE001
                 raise QpcellError(f"cannot read the image ({type(first).__name__}: {first}; "
                                   f"{type(err).__name__}: {err})", path) from None
@@ -591,4 +623,5 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
                       "convert it to OME-TIFF first (e.g. QuPath: File > Export images)", path)
 
 
-__all__ = ["Slide", "open_slide", "to_full_res", "from_full_res", "sane_mpp", "MPP_RANGE"]
+__all__ = ["Slide", "open_slide", "check_pixels", "to_full_res", "from_full_res", "sane_mpp",
+           "MPP_RANGE"]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from qpcell.errors import QpcellError
-from qpcell.io.geojson import QuPathObjects, to_annotated_image
+from qpcell.io.geojson import MAX_COORDINATE_PX, QuPathObjects, to_annotated_image
 from qpcell.io.project import image_size, natural_key, scan_images
 from qpcell.points import AnnotatedImage, CellClass, make_classes
 
@@ -41,6 +41,7 @@ __all__ = [
     "import_tables",
     "read_class_names",
     "read_point_table",
+    "read_tables",
     "resolve_dataset",
 ]
 
@@ -111,6 +112,15 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _looks_like_qupath_measurements(first_line: str) -> bool:
+    """A header row as QuPath's measurement export writes it (Image, Name, Class, Parent,
+    ROI, Centroid X µm, ...)."""
+    cells = [c.strip().lower() for c in re.split(r"\t|,", first_line)]
+    if any(c.startswith("centroid x") for c in cells):
+        return True
+    return {"image", "class", "roi"} <= set(cells) or {"image", "class", "parent"} <= set(cells)
+
+
 def read_point_table(path: str | Path, *, fmt: str = "auto",
                      class_names: Sequence[str] | None = None
                      ) -> tuple[np.ndarray, list[str]]:
@@ -152,6 +162,11 @@ def read_point_table(path: str | Path, *, fmt: str = "auto",
     except UnicodeDecodeError:
         raise QpcellError("is not a text (UTF-8) file, so not a point table", path) from None
     first = next((ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), None)
+    if first is not None and _looks_like_qupath_measurements(first):
+        raise QpcellError("this looks like a QuPath measurement table (Measure > Export "
+                          "measurements), not a point table; export the points instead: "
+                          "File > Export objects as GeoJSON (or the qpcell Groovy export), "
+                          "then use the GeoJSON project", path)
     fmt = _table_format(path, fmt, first)
     names_list = list(class_names) if class_names is not None else None
     name_set = set(names_list) if names_list is not None else None
@@ -184,6 +199,9 @@ def read_point_table(path: str | Path, *, fmt: str = "auto",
                               f"{fields[cols[1]]!r}", where) from None
         if not (math.isfinite(x) and math.isfinite(y)):
             raise QpcellError(f"the point ({x}, {y}) has a NaN or infinite coordinate", where)
+        if max(abs(x), abs(y)) > MAX_COORDINATE_PX:
+            raise QpcellError(f"the point ({x:g}, {y:g}) lies beyond any image (coordinates "
+                              f"up to {MAX_COORDINATE_PX:.0f} px)", where)
         cls = fields[cols[2]]
         if not cls:
             raise QpcellError("empty class name", where)
@@ -320,7 +338,7 @@ def find_class_names(source: str | Path, labels_dir: Path) -> Path | None:
 
 def import_tables(source: str | Path, images: str | Path | None = None, *, fmt: str = "auto",
                   class_names: Sequence[str] | None = None, mpp: float | None = None,
-                  check_bounds: bool = True) -> TableImport:
+                  check_bounds: bool = True, conflicts: str = "error") -> TableImport:
     """Read a folder of point tables and pair each table with its image (same stem).
 
     Parameters
@@ -339,6 +357,10 @@ def import_tables(source: str | Path, images: str | Path | None = None, *, fmt: 
         Pixel size (µm/px) to record for every image.
     check_bounds
         Skip points outside the image, with a warning, when its size is cheaply known.
+    conflicts
+        Points of different classes at one spot: ``"error"``, ``"drop"`` (both go) or
+        ``"first"`` (the first in the table stays); see
+        :func:`~qpcell.io.geojson.drop_duplicate_points`.
 
     Returns
     -------
@@ -418,7 +440,8 @@ def import_tables(source: str | Path, images: str | Path | None = None, *, fmt: 
         image = found[stem]
         objs = QuPathObjects(point_xy=xy, point_class=list(names), path=by_stem[stem])
         img = to_annotated_image(objs, stem, classes=classes, source="points", image=image,
-                                 mpp=mpp, image_size=image_size(image) if check_bounds else None)
+                                 mpp=mpp, image_size=image_size(image) if check_bounds else None,
+                                 conflicts=conflicts)
         # grouped by class (stable), the order write_points stores and reading gives back
         order = np.argsort(img.labels, kind="stable")
         img.xy, img.labels = img.xy[order], img.labels[order]
@@ -427,3 +450,48 @@ def import_tables(source: str | Path, images: str | Path | None = None, *, fmt: 
         out.append(img)
     return TableImport(images=out, classes=classes, warnings=warnings, labels_dir=labels_dir,
                        images_dir=images_dir, class_source=class_source)
+
+
+def read_tables(source: str | Path, *, fmt: str = "auto",
+                class_names: Sequence[str] | None = None) -> TableImport:
+    """Point tables as annotations without images (for scoring; :func:`import_tables` pairs
+    them with images for training).
+
+    ``source`` is what ``qpcell import`` accepts (a dataset folder with ``labels/``, a folder
+    of tables or one table); class ids are named by ``class_names``, else a ``classes.txt``
+    found by :func:`find_class_names`, else the ids themselves.
+
+    Raises
+    ------
+    QpcellError
+        As :func:`read_point_table`, naming ``file:line``; or if there is no table.
+    """
+    labels, _ = resolve_dataset(source)
+    if isinstance(labels, list):
+        tables, labels_dir = labels, labels[0].parent
+    else:
+        labels_dir = labels
+        tables = sorted((p for p in labels_dir.iterdir()
+                         if p.is_file() and p.suffix.lower() in _SUFFIX_FORMAT
+                         and p.name.lower() not in _NOT_LABELS and not p.name.startswith(".")),
+                        key=lambda p: natural_key(p.name))
+    if not tables:
+        raise QpcellError("holds no point tables", labels_dir)
+    class_source = "--classes"
+    if class_names is None:
+        cfile = find_class_names(source, labels_dir)
+        class_names = read_class_names(cfile) if cfile is not None else None
+        class_source = str(cfile) if cfile is not None else "class ids"
+    read = {t.stem: read_point_table(t, fmt=fmt, class_names=class_names) for t in tables}
+    used = list(class_names) if class_names is not None else sorted(
+        {n for _, names in read.values() for n in names},
+        key=lambda n: (0, int(n), "") if _INT.match(n) else (1, 0, n))
+    classes = make_classes(used)
+    images, warnings = [], []
+    for table, (stem, (xy, names)) in zip(tables, read.items(), strict=True):
+        objs = QuPathObjects(point_xy=xy, point_class=list(names), path=table)
+        img = to_annotated_image(objs, stem, classes=classes, source="points")
+        warnings += img.metadata["warnings"]
+        images.append(img)
+    return TableImport(images=images, classes=classes, warnings=warnings,
+                       labels_dir=labels_dir, class_source=class_source)
