@@ -8,9 +8,9 @@ Steps (all tiles of the batch at once; ``valid`` is the part of each tile inside
 the rest counts as *outside*: neither cell nor background, as if the map were cropped):
 
 1. foreground = ``det >= threshold`` inside ``valid``;
-2. 8-connected components by label propagation (3 x 3 max-pooling of pixel indices) with
-   pointer jumping, so a component of diameter ``d`` takes about ``log d`` rounds more than
-   a few; components under ``min_area_px`` pixels are dropped;
+2. 8-connected components by parallel union-find (hooking roots onto their neighbours'
+   smallest label, then pointer jumping); components under ``min_area_px`` pixels are
+   dropped;
 3. the exact squared Euclidean distance transform (px²) of the foreground: the distance to
    the background above or below in each column (cumulative max / min of row indices),
    then ``min over dx of dx² + g(x ± dx)²``, stopped at the first ``dx`` whose square is no
@@ -46,7 +46,7 @@ from qpcell.errors import QpcellError
 from qpcell.postprocess import _normalise, apply_class_gain, merge_radius_px
 from qpcell.points import CellClass, Detections
 
-#: Rounds of label propagation between two (synchronising) checks for convergence.
+#: Steps of the distance transform between two (synchronising) checks for convergence.
 _CHECK_EVERY = {"cuda": 4, "cpu": 1}
 #: Pixels x window pixels gathered at once when checking peaks one by one.
 _GATHER_CHUNK = 4_000_000
@@ -92,30 +92,53 @@ def _box_mask(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
 
 
+def _neighbour_min(lab: torch.Tensor, big: int) -> torch.Tensor:
+    """Smallest value among the 8 neighbours of each pixel (``big`` beyond the tile)."""
+    b, h, w = lab.shape
+    p = F.pad(lab, (1, 1, 1, 1), value=big)
+    out = torch.full_like(lab, big)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            if dy != 1 or dx != 1:
+                torch.minimum(out, p[:, dy:dy + h, dx:dx + w], out=out)
+    return out
+
+
 def label_components(fg: torch.Tensor) -> torch.Tensor:
     """8-connected components of each ``(H, W)`` mask of a ``(B, H, W)`` bool batch.
+
+    Union-find in parallel: every round, the root of each pixel's label is hooked onto the
+    smallest label among its neighbours in the mask (``scatter_reduce`` with ``amin``),
+    then the label trees are flattened by pointer jumping, so the rounds needed grow with
+    the logarithm of a component's size more than with its diameter.
 
     Returns
     -------
     ``(B, H, W)`` float32 labels: 0 off the mask, else ``1 +`` the raster index (``row·W +
-    col``) of the component's last pixel; exact for tiles up to 2^24 pixels.
+    col``) of the component's first pixel; exact for tiles up to 2^24 pixels.
     """
     b, h, w = fg.shape
     if h * w >= 2 ** 24:
         raise QpcellError(f"tiles of {h}x{w} px are too big to label on the device")
-    index = torch.arange(1, h * w + 1, device=fg.device, dtype=torch.float32).view(1, h, w)
-    lab = torch.where(fg, index, 0.0)
-    every = _CHECK_EVERY.get(fg.device.type, 4)
+    n = b * h * w
+    big = n  # larger than every pixel index
+    parent = torch.arange(n, device=fg.device)
+    flat_fg = fg.reshape(-1)
     while True:
-        old = lab
-        for _ in range(every):
-            lab = torch.where(fg, F.max_pool2d(lab[:, None], 3, 1, 1)[:, 0], 0.0)
-            # a label names a pixel of the same component, whose label is no smaller
-            flat = lab.view(b, h * w)
-            jumped = torch.gather(flat, 1, (flat.long() - 1).clamp_min_(0))
-            lab = torch.where(fg, jumped.view(b, h, w), 0.0)
-        if torch.equal(lab, old):
-            return lab
+        lab = torch.where(fg, parent.view(b, h, w), big)
+        low = torch.minimum(_neighbour_min(lab, big), lab).reshape(-1)
+        lab = lab.reshape(-1)
+        hook = flat_fg & (low < lab)
+        if not bool(hook.any()):
+            break
+        parent.scatter_reduce_(0, lab[hook], low[hook], "amin")
+        while True:  # pointer jumping until every pixel points at its root
+            nxt = parent[parent]
+            if torch.equal(nxt, parent):
+                break
+            parent = nxt
+    local = parent.view(b, h, w) - torch.arange(b, device=fg.device).view(b, 1, 1) * (h * w)
+    return torch.where(fg, (local + 1).float(), 0.0)
 
 
 def squared_distance_map(fg: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
@@ -138,18 +161,19 @@ def squared_distance_map(fg: torch.Tensor, inside: torch.Tensor) -> torch.Tensor
     g = torch.minimum(up, down)
     g2 = torch.where(inside, g * g, far * far).to(torch.int32)
     d2 = g2.clone()
+    no_bg = ~bg.flatten(1).any(1)
+    counted = fg & ~no_bg.view(b, 1, 1)  # tiles without background are set below
     every = _CHECK_EVERY.get(dev.type, 4)
     dx = 1
     while dx < w:
         if (dx - 1) % every == 0:
-            worst = int(torch.where(fg, d2, 0).max()) if fg.any() else 0
-            if dx * dx >= worst:
+            if dx * dx >= int(torch.where(counted, d2, 0).max()):
                 break
         step = dx * dx
         torch.minimum(d2[..., dx:], g2[..., :-dx] + step, out=d2[..., dx:])
         torch.minimum(d2[..., :-dx], g2[..., dx:] + step, out=d2[..., :-dx])
         dx += 1
-    no_bg = fg.flatten(1).any(1) & ~bg.flatten(1).any(1)
+    no_bg &= fg.flatten(1).any(1)
     if bool(no_bg.any()):  # scipy: distance to (row -1, col 0) of the crop
         top = torch.where(inside, rows, h).flatten(1).min(1).values.view(b, 1, 1)
         cols = torch.arange(w, device=dev, dtype=torch.int32).view(1, 1, w)
