@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 from qpcell.config import PostprocessConfig
 from qpcell.errors import QpcellError
-from qpcell.postprocess import _normalise, apply_class_gain, merge_radius_px
 from qpcell.points import CellClass, Detections
+from qpcell.postprocess import _normalise, apply_class_gain, merge_radius_px
 
 #: Steps of the distance transform between two (synchronising) checks for convergence.
 _CHECK_EVERY = {"cuda": 4, "cpu": 1}

@@ -753,7 +753,7 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
     return results
 
 
-__all__ = ["MapFn", "PostprocessFn", "BatchCellsFn", "TilePlan", "plan_tiles", "predict_slide", "run_plan",
-           "iter_plan",
+__all__ = ["MapFn", "PostprocessFn", "BatchCellsFn", "TilePlan", "plan_tiles", "predict_slide",
+           "run_plan", "iter_plan",
            "default_halo", "Predictor", "PredictionJob", "ImageResult", "PredictEvent",
            "collect_jobs", "predict_to_folder", "start_summary", "output_paths", "SUMMARY_FILE"]

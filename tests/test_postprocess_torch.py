@@ -21,7 +21,7 @@ from qpcell.device_cells import (
     resolve_postprocess,
 )
 from qpcell.errors import QpcellError
-from qpcell.io.slides import Slide, open_slide
+from qpcell.io.slides import Slide
 from qpcell.metrics import match_points
 from qpcell.points import make_classes
 from qpcell.postprocess import postprocess_sdrdin
