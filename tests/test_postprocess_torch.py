@@ -216,3 +216,21 @@ def test_endonuke_test_split_cells_are_the_same_on_both_paths(endonuke, tmp_path
         assert n_cpu > 30 * len(det), bundle.path
         assert f1 >= 0.995 and same / tp >= 0.995, (bundle.path, f1, same / tp)
     # the hand-set model finds real cells: most annotated nuclei of the first images
+
+
+def test_predict_cli_finds_the_same_cells_with_postprocess_device(cli, tiny_model,
+                                                                   synthetic_project, tmp_path):
+    outs = {}
+    for mode in ("cpu", "device"):
+        code, out, err = cli("predict", tiny_model, synthetic_project, "--out", tmp_path / mode,
+                             "--device", "cpu", "--postprocess", mode, "--batch-size", "2")
+        assert code == 0, err
+        where = 'the device' if mode == 'device' else 'the CPU'
+        assert f"cells found on {where}" in " ".join(out.split())
+        outs[mode] = sorted((tmp_path / mode).glob("*.csv"))
+    assert len(outs["cpu"]) == 3
+    for a, b in zip(outs["cpu"], outs["device"], strict=True):
+        assert a.read_text(encoding="utf-8") == b.read_text(encoding="utf-8")
+    code, _, err = cli("predict", tiny_model, synthetic_project, "--out", tmp_path / "x",
+                       "--postprocess", "gpu")
+    assert code == 1 and "--postprocess" in err
