@@ -134,8 +134,13 @@ class DeviceCells:
     def __call__(self, tiles: np.ndarray, cores: np.ndarray, plan) -> list[Detections]:
         """Cells of each tile whose centre is in its core, in grid px (the cells of
         ``qpcell.predict._tile_cells`` for every tile of the batch)."""
-        cores = np.asarray(cores, dtype=np.int64).reshape(-1, 4)
         det, cls = self.maps(tiles)
+        return self.postprocess(det, cls, cores, plan)
+
+    def postprocess(self, det: torch.Tensor, cls: torch.Tensor | None, cores: np.ndarray,
+                    plan) -> list[Detections]:
+        """:meth:`__call__` from the batch's maps (:meth:`maps`)."""
+        cores = np.asarray(cores, dtype=np.int64).reshape(-1, 4)
         t0 = time.perf_counter()
         gw, gh = plan.grid
         tx, ty = cores[:, 0] - plan.halo, cores[:, 1] - plan.halo  # tile origins, grid px
