@@ -85,10 +85,14 @@ class DeviceCells:
         self.bundle = bundle
         self.backend = backend
         self.device = torch.device(bundle.device)
-        self.cfg: PostprocessConfig = bundle.postprocess
         self.classes: tuple[CellClass, ...] = tuple(bundle.classes)
         self.profile = profile
         self.seconds = {"copy": 0.0, "forward": 0.0, "postprocess": 0.0}
+
+    @property
+    def cfg(self) -> PostprocessConfig:
+        """The bundle's post-processing settings (read at each batch)."""
+        return self.bundle.postprocess
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -21,7 +21,7 @@ from qpcell.device_cells import (
     resolve_postprocess,
 )
 from qpcell.errors import QpcellError
-from qpcell.io.slides import Slide
+from qpcell.io.slides import Slide, open_slide
 from qpcell.metrics import match_points
 from qpcell.points import make_classes
 from qpcell.postprocess import postprocess_sdrdin
@@ -234,3 +234,22 @@ def test_predict_cli_finds_the_same_cells_with_postprocess_device(cli, tiny_mode
     code, _, err = cli("predict", tiny_model, synthetic_project, "--out", tmp_path / "x",
                        "--postprocess", "gpu")
     assert code == 1 and "--postprocess" in err
+
+
+def test_tiles_read_by_several_threads_are_the_tiles_read_by_one(tmp_path):
+    import threading
+
+    import tifffile
+
+    from qpcell.predict import _read_batches, plan_tiles
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "tiled.tif", image, tile=(64, 64), compression="zlib")
+    with open_slide(tmp_path / "tiled.tif") as slide:
+        plan = plan_tiles(slide, mpp=None, tile_size=160, tissue=False)
+        one, four = ([t for t, _ in _read_batches(slide, plan, 5, threading.Event(), readers)]
+                     for readers in (1, 4))
+    assert len(one) == -(-len(plan) // 5) > 4
+    for a, b in zip(one, four, strict=True):
+        np.testing.assert_array_equal(a, b)
