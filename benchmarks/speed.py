@@ -24,6 +24,14 @@ its halo, at the model's pixel size.
   slide, limited to the block (a region): reading, resampling, forward, post-processing and
   writing GeoJSON/CSV. Mpx/s counts *image* pixels (tile cores, at the model's scale), so halo
   overlap is a cost. ``pipeline_vs_forward`` = pipeline Mpx/s / eager-forward Mpx/s.
+* **post-processing on the device** (:mod:`qpcell.device_cells`, ``qpcell predict
+  --postprocess device``, the default on CUDA): *model only* = uint8 tiles in, maps left on
+  the device (copy + forward, what the network costs), as ms per tile and minutes per cm² of
+  the block; the same batches' post-processing there (``postprocess_device``); the whole
+  pipeline again with cells found on the device, as min/cm² and as a multiple of model-only
+  time; and each stage alone, per tile: read, copy, forward (model-only runs, each stage
+  waited for), post-process (device and CPU), write (CSV + GeoJSON of the block's cells).
+  ``pipeline_cpu_postprocess_vs_device`` > 1 means the device path is the faster one.
 * **slide runs** (each in a fresh subprocess, for its peak memory, ``VmHWM``): the pipeline
   on a centred square of ``--slide-region`` tile cores (or ``--full-slide``), as Mpx/s at the
   slide's own pixel size and minutes per cm² of tissue (1 cm² = 1e8 µm²), with the resident
@@ -51,6 +59,7 @@ Usage::
     .venv/bin/python benchmarks/speed.py --full-slide --big-slide .cache/bench/endonuke-60k.ome.tif
     .venv/bin/python benchmarks/speed.py --tile-size 1024 --tiles 4 --slide-region 7
     python benchmarks/speed.py --device cuda --full-slide --tiles 64 --batch-size 16
+    python benchmarks/speed.py --device cuda --tiles 64 --batch-size 32 --postprocess cpu
 """
 
 from __future__ import annotations
@@ -289,9 +298,16 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
     """Eager forward, default forward, post-processing and the pipeline on the same tiles."""
     import torch
 
+    from qpcell.device_cells import DeviceCells
     from qpcell.io.slides import open_slide
     from qpcell.models import gmacs
-    from qpcell.predict import PredictionJob, Predictor, plan_tiles, predict_to_folder
+    from qpcell.predict import (
+        PredictionJob,
+        Predictor,
+        _CellWriter,
+        plan_tiles,
+        predict_to_folder,
+    )
 
     predictor = Predictor.from_bundle(bundle)
     k = max(1, int(round(n_tiles ** 0.5)))
@@ -358,6 +374,34 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
         for i in range(n):
             bundle.to_detections(det[i], None if cls is None else cls[i])
 
+    # post-processing on the device (qpcell.device_cells): the same batches, maps left there
+    device_cells = DeviceCells(bundle, profile=True)
+    device_maps = [device_cells.maps(tiles[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+    def model_only():  # uint8 tiles in, maps left on the device: what the network costs
+        for i in range(0, n, batch_size):
+            device_cells.maps(tiles[i:i + batch_size])
+        _synchronize(device)
+
+    def post_device():
+        for k, (d, c) in enumerate(device_maps):
+            device_cells.postprocess(d, c, plan.cores[k * batch_size:(k + 1) * batch_size],
+                                     plan)
+        _synchronize(device)
+
+    def write():  # formatting and writing the block's cells (CSV + GeoJSON), one thread
+        parts = predictor_cells
+        with open(workdir / "w.geojson", "w", encoding="utf-8") as g, \
+                open(workdir / "w.csv", "w", encoding="utf-8", newline="") as t:
+            writer = _CellWriter(t, g, bundle.classes, slide.mpp)
+            for cells_ in parts:
+                writer.add(cells_)
+            writer.close()
+
+    predictor_cells = [c for k, (d, c_) in enumerate(device_maps)
+                       for c in device_cells.postprocess(
+                           d, c_, plan.cores[k * batch_size:(k + 1) * batch_size], plan)]
+
     # the whole pipeline on the block of the slide, with where its time goes
     spent = {"forward": 0.0, "postprocess": 0.0}
 
@@ -384,14 +428,54 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
                           tile_size=tile)
         last.update(spent, total=time.perf_counter() - t0)
 
+    # the whole pipeline again with post-processing on the device (the default on CUDA)
+    device_predictor = Predictor.from_bundle(bundle, postprocess="device")
+
+    def pipeline_device():
+        predict_to_folder([PredictionJob("block", slide_path, [region])], device_predictor,
+                          workdir / "pipeline-device", overwrite=True, batch_size=batch_size,
+                          tile_size=tile)
+
     eager()
     pipeline()  # warm (file cache, thread pools)
-    t = _round_robin({"read": read, "eager": eager, "default": default_forward,
-                      "fp32": fp32_forward, "post": post, "pipeline": pipeline}, repeats)
+    pipeline_device()
+    device_cells.seconds.update(copy=0.0, forward=0.0, postprocess=0.0)
+    stages = {"read": read, "eager": eager, "default": default_forward, "fp32": fp32_forward,
+              "post": post, "post_device": post_device, "model_only": model_only,
+              "write": write, "pipeline": pipeline, "pipeline_device": pipeline_device}
+    t = _round_robin(stages, repeats)
+    # copy and forward of the model-only runs (each stage waited for), per tile
+    split = {k: device_cells.seconds[k] / (repeats * n) for k in ("copy", "forward")}
     slide.close()
+    grid_mpp = plan.read_mpp or slide.mpp
+    cm2 = block_px * grid_mpp ** 2 / UM2_PER_CM2 if grid_mpp else None
+
+    def per_cm2(seconds: float) -> float | None:
+        return round(seconds / 60 / cm2, 3) if cm2 else None
     eager_t, default, post_t, pipe = t["eager"] / n, t["default"] / n, t["post"] / n, t["pipeline"]
     pipe_mpx_s = block_px / 1e6 / pipe
     eager_mpx_s = tile_mpx / eager_t
+    pipe_dev = t["pipeline_device"]
+    device_figures = {
+        "model_only": {"ms_per_tile": round(t["model_only"] / n * 1e3, 2),
+                       "minutes_per_cm2": per_cm2(t["model_only"])},
+        "postprocess_device": {"ms_per_tile": round(t["post_device"] / n * 1e3, 2)},
+        "pipeline_device": {"seconds": round(pipe_dev, 3), "ms_per_tile":
+                            round(pipe_dev / n * 1e3, 1), "minutes_per_cm2": per_cm2(pipe_dev)},
+        "pipeline_cpu_postprocess_minutes_per_cm2": per_cm2(pipe),
+        # each stage alone, per tile: reading (one thread), host-to-device copy and forward
+        # (model-only runs, synchronised), post-processing on the device, writing the cells
+        "stages_ms_per_tile": {"read": round(t["read"] / n * 1e3, 2),
+                               "copy": round(split["copy"] * 1e3, 2),
+                               "forward": round(split["forward"] * 1e3, 2),
+                               "postprocess_device": round(t["post_device"] / n * 1e3, 2),
+                               "postprocess_cpu": round(post_t * 1e3, 2),
+                               "write": round(t["write"] / n * 1e3, 2)},
+        "pipeline_device_vs_model_only": round(pipe_dev / t["model_only"], 3),
+        # > 1: the new path (post-processing on the device) is faster than the old one
+        "pipeline_cpu_postprocess_vs_device": round(pipe / pipe_dev, 3),
+        "postprocess_cpu_vs_device": round(t["post"] / t["post_device"], 3),
+    }
     return {
         "tiles": n, "tile_px": tile, "halo_px": plan.halo, "core_px": plan.core,
         "block_mpx": round(block_px / 1e6, 3), "slide_mpp": slide.mpp, "model_mpp": bundle.mpp,
@@ -422,6 +506,7 @@ def measure_tiles(bundle, slide_path: Path, n_tiles: int, batch_size: int, repea
         "pipeline_vs_forward": round(pipe_mpx_s / eager_mpx_s, 3),
         "default_vs_eager_forward": round(eager_t / default, 3),
         "default_vs_fp32_forward": round(t["fp32"] / n / default, 3),
+        "device_postprocess": device_figures,
     }
 
 
@@ -437,7 +522,7 @@ def _slide_worker(spec: dict) -> dict:
         torch.set_num_threads(int(spec["threads"]))
     base_kb = memory_kb("VmRSS")
     bundle = load_model(spec["model"], device=spec.get("device"))
-    predictor = Predictor.from_bundle(bundle)
+    predictor = Predictor.from_bundle(bundle, postprocess=spec.get("postprocess", "auto"))
     tile = int(spec.get("tile", TILE))
     with open_slide(spec["slide"]) as slide:
         width, height, mpp = slide.width, slide.height, slide.mpp
@@ -481,11 +566,13 @@ def _slide_worker(spec: dict) -> dict:
 
 
 def slide_run(model: Path, slide: Path, cores: int | None, batch_size: int, device: str | None,
-              threads: int | None, workdir: Path, tile: int = TILE) -> dict:
+              threads: int | None, workdir: Path, tile: int = TILE,
+              postprocess: str = "auto") -> dict:
     """:func:`_slide_worker` in a subprocess (its own peak-memory counter); ``cores``: the
     side, in tile cores, of the centred block predicted (``None``: the whole slide)."""
     spec = {"model": str(model), "slide": str(slide), "cores": cores,
             "batch_size": batch_size, "device": device, "threads": threads, "tile": tile,
+            "postprocess": postprocess,
             "out": str(workdir / f"slide-{slide.stem}-{cores or 'full'}")}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                           capture_output=True, text=True, check=False)
@@ -529,6 +616,22 @@ def report(r: dict) -> None:
     print("ratios:")
     for key, val in r["ratios"].items():
         print(f"  {key:46s} {val}")
+    dp = t.get("device_postprocess")
+    if dp:
+        st = dp["stages_ms_per_tile"]
+        print(f"post-processing on the device ({r['machine']['device']}), batch "
+              f"{t['batch_size']}:")
+        print(f"  {'model only (uint8 in, maps left there)':42s} "
+              f"{dp['model_only']['ms_per_tile']:8.1f} ms/tile  "
+              f"{dp['model_only']['minutes_per_cm2']} min/cm²")
+        print(f"  {'whole pipeline, cells found on the device':42s} "
+              f"{dp['pipeline_device']['ms_per_tile']:8.1f} ms/tile  "
+              f"{dp['pipeline_device']['minutes_per_cm2']} min/cm²  "
+              f"({dp['pipeline_device_vs_model_only']}x model only)")
+        print(f"  {'whole pipeline, cells found on the CPU':42s} "
+              f"{t['pipeline']['ms_per_tile']:8.1f} ms/tile  "
+              f"{dp['pipeline_cpu_postprocess_minutes_per_cm2']} min/cm²")
+        print("  each stage alone, ms/tile: " + ", ".join(f"{k} {v}" for k, v in st.items()))
     for s in r.get("slide_runs", []):
         print(f"slide run {Path(s['slide']).name} ({s['size_px'][0]} x {s['size_px'][1]} px, "
               f"{s['area_mm2']} mm² predicted, {s['tiles']} tiles, {s['cells']} cells): "
@@ -558,6 +661,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--big-slide", type=Path, default=None,
                    help="also run --slide-region on this (e.g. 60,000 px) slide, for memory")
     p.add_argument("--no-slide-run", action="store_true", help="skip the slide runs")
+    p.add_argument("--postprocess", default="auto", choices=("auto", "device", "cpu"),
+                   help="where the slide runs find cells (default auto: the device on CUDA)")
     p.add_argument("--epochs", type=int, default=2, help="epochs when training the model")
     p.add_argument("--steps", type=int, default=50, help="batches per epoch when training")
     p.add_argument("--quick", action="store_true",
@@ -590,11 +695,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_slide_run:
             region = None if args.full_slide else args.slide_region
             slide_runs.append(slide_run(model_dir, slide, region, args.batch_size, args.device,
-                                        args.threads, Path(tmp), args.tile_size))
+                                        args.threads, Path(tmp), args.tile_size,
+                                        args.postprocess))
             if args.big_slide:
                 slide_runs.append(slide_run(model_dir, args.big_slide, args.slide_region,
                                             args.batch_size, args.device, args.threads,
-                                            Path(tmp), args.tile_size))
+                                            Path(tmp), args.tile_size, args.postprocess))
     best_ref = max(ref.values())
     default_gmac_s = tiles["default_forward"]["gmac_per_s"]
     ratios = {
@@ -615,6 +721,12 @@ def main(argv: list[str] | None = None) -> dict:
     if backend_ref in ref:
         ratios["default_model_gmac_s_vs_same_backend_conv"] = round(
             default_gmac_s / ref[backend_ref], 4)
+    dp = tiles["device_postprocess"]
+    ratios["pipeline_device_vs_model_only"] = dp["pipeline_device_vs_model_only"]
+    ratios["pipeline_cpu_postprocess_vs_device"] = dp["pipeline_cpu_postprocess_vs_device"]
+    ratios["postprocess_cpu_vs_device"] = dp["postprocess_cpu_vs_device"]
+    ratios["model_only_minutes_per_cm2"] = dp["model_only"]["minutes_per_cm2"]
+    ratios["pipeline_device_minutes_per_cm2"] = dp["pipeline_device"]["minutes_per_cm2"]
     if slide_runs:
         ratios["minutes_per_cm2"] = slide_runs[0]["minutes_per_cm2"]
         ratios["peak_rss_mb"] = max(s["peak_rss_mb"] for s in slide_runs)

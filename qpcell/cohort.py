@@ -292,7 +292,8 @@ def start_image(job: PredictionJob, model: str, out: str, options: CohortOptions
             return SplitSlide(info, plan, time.perf_counter() - t0)
         det = run_plan(slide, plan, predictor.map_fn, predictor.postprocess_fn,
                        classes=predictor.classes, batch_size=options.batch_size,
-                       workers=options.post_workers or threads)
+                       workers=options.post_workers or threads,
+                       batch_cells=predictor.batch_cells, readers=predictor.readers)
         return _write_outputs(job, Path(out), det, info, options, slide, t0, 0.0)
 
 
@@ -309,7 +310,8 @@ def run_block(job: PredictionJob, model: str, plan: TilePlan, options: CohortOpt
     with _open(job, predictor) as slide:
         det = run_plan(slide, plan, predictor.map_fn, predictor.postprocess_fn,
                        classes=predictor.classes, batch_size=options.batch_size,
-                       workers=options.post_workers or threads)
+                       workers=options.post_workers or threads,
+                       batch_cells=predictor.batch_cells, readers=predictor.readers)
     return det, time.perf_counter() - t0
 
 

@@ -61,6 +61,7 @@ CHECK_TOLERANCE = 1e-4
 AUTO_EXPORT_MIN_PIXELS = 512 * 512
 
 Maps = tuple[np.ndarray, np.ndarray | None]
+TensorMaps = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def _pad_amounts(h: int, w: int) -> tuple[int, int]:
@@ -131,21 +132,35 @@ class _TorchRunner:
                     autocast_dtype(device, "auto" if device.type == "cuda" else "fp32"))
         self.name = "torch-bf16" if bf16 else "torch" if channels_last else "eager"
 
-    def __call__(self, tiles: np.ndarray) -> Maps:
-        tiles = np.asarray(tiles)
-        if tiles.ndim == 3:
-            tiles = tiles[None]
-        h, w = tiles.shape[1:3]
+    def prepare(self, tiles: np.ndarray) -> torch.Tensor:
+        """The input tensor of ``tiles`` on the runner's device (the host-to-device copy)."""
         x = to_tensor(tiles, self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> TensorMaps:
+        """Float32 maps of a :meth:`prepare`-d batch, cropped to ``size`` (H, W), on the
+        device."""
+        h, w = size
         with torch.inference_mode(), torch.autocast(self.device.type,
                                                      dtype=self.amp or torch.float32,
                                                      enabled=self.amp is not None):
             det, cls = self.model.maps(self.model(x))
-        det_np = det[:, :h, :w].float().cpu().numpy()
-        cls_np = None if cls is None else cls[:, :, :h, :w].float().cpu().numpy()
-        return det_np, cls_np
+            det = det[:, :h, :w].float()
+            cls = None if cls is None else cls[:, :, :h, :w].float()
+        return det, cls
+
+    def tensors(self, tiles: np.ndarray) -> TensorMaps:
+        """``(det (B, H, W), cls (B, C, H, W) | None)`` float32 tensors on the device."""
+        tiles = np.asarray(tiles)
+        if tiles.ndim == 3:
+            tiles = tiles[None]
+        return self.forward(self.prepare(tiles), tiles.shape[1:3])
+
+    def __call__(self, tiles: np.ndarray) -> Maps:
+        det, cls = self.tensors(tiles)
+        return det.cpu().numpy(), None if cls is None else cls.cpu().numpy()
 
 
 def onnxruntime_available() -> bool:
@@ -346,6 +361,21 @@ def model_maps(model: torch.nn.Module, tiles: np.ndarray, device: torch.device, 
     return runner_for(model, device, backend or _BACKEND.get(), pixels)(tiles)
 
 
+def model_tensors(model: torch.nn.Module, tiles: np.ndarray, device: torch.device, *,
+                  backend: str | None = None) -> TensorMaps:
+    """As :func:`model_maps`, as float32 tensors left on ``device`` (PyTorch backends), or
+    wrapping the host arrays of the others (ONNX Runtime) without a copy."""
+    tiles = np.asarray(tiles)
+    if tiles.ndim == 3:
+        tiles = tiles[None]
+    pixels = int(np.prod(tiles.shape[:3]))
+    runner = runner_for(model, device, backend or _BACKEND.get(), pixels)
+    if hasattr(runner, "tensors"):
+        return runner.tensors(tiles)
+    det, cls = runner(tiles)
+    return torch.from_numpy(det), None if cls is None else torch.from_numpy(cls)
+
+
 __all__ = ["BACKENDS", "CHECK_TOLERANCE", "AUTO_EXPORT_MIN_PIXELS", "MULTIPLE", "to_tensor",
            "to_array", "export_onnx", "onnxruntime_available", "check_runner", "resolve_backend",
-           "using_backend", "runner_for", "model_maps"]
+           "using_backend", "runner_for", "model_maps", "model_tensors"]

@@ -74,6 +74,10 @@ MapFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 """``tiles (B, h, w, 3) uint8 -> (det (B, h, w) float32, cls (B, C, h, w) float32 | None)``."""
 PostprocessFn = Callable[[np.ndarray, np.ndarray | None], Detections]
 """``(det (h, w), cls (C, h, w) | None) -> Detections`` in the maps' own pixels."""
+BatchCellsFn = Callable[[np.ndarray, np.ndarray, "TilePlan"], list[Detections]]
+"""``(tiles (B, T, T, 3) uint8, cores (B, 4), plan) -> one Detections per tile`` (grid px, only
+cells in the core): maps and post-processing in one step, e.g.
+:class:`qpcell.device_cells.DeviceCells`, which keeps the maps on the model's device."""
 
 #: The halo is at least this many µm (32 px at 0.44 µm/px): context for the network's edges.
 MIN_HALO_UM = 32 * PAPER_MPP
@@ -181,9 +185,10 @@ def plan_tiles(slide: Slide, *, mpp: float | None, tile_size: int = 512, halo: i
                     union)
 
 
-def _read_batches(slide: Slide, plan: TilePlan, batch_size: int, stop: threading.Event
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Batches ``(tiles (B, T, T, 3), cores (B, 4))``, read one batch ahead in a thread."""
+def _read_batches(slide: Slide, plan: TilePlan, batch_size: int, stop: threading.Event,
+                  readers: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches ``(tiles (B, T, T, 3), cores (B, 4))``, read one batch ahead in a thread
+    (the tiles of a batch by ``readers`` threads)."""
     q: queue.Queue = queue.Queue(maxsize=2)
 
     def put(item) -> bool:
@@ -195,18 +200,24 @@ def _read_batches(slide: Slide, plan: TilePlan, batch_size: int, stop: threading
                 continue
         return False
 
+    def read(c: np.ndarray) -> np.ndarray:
+        return slide.read_grid(int(c[0]) - plan.halo, int(c[1]) - plan.halo, plan.tile,
+                               plan.tile, mpp=plan.read_mpp)
+
     def work() -> None:
+        pool = ThreadPoolExecutor(readers, "qpcell-tile-read") if readers > 1 else None
         try:
             for i in range(0, len(plan.cores), batch_size):
                 cores = plan.cores[i:i + batch_size]
-                tiles = np.stack([slide.read_grid(int(c[0]) - plan.halo, int(c[1]) - plan.halo,
-                                                  plan.tile, plan.tile, mpp=plan.read_mpp)
-                                  for c in cores])
+                tiles = np.stack(list(pool.map(read, cores) if pool else map(read, cores)))
                 if not put((tiles, cores)):
                     return
             put(None)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             put(err)
+        finally:
+            if pool:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     thread = threading.Thread(target=work, name="qpcell-tile-reader", daemon=True)
     thread.start()
@@ -247,7 +258,8 @@ def predict_slide(slide: Slide, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
                   tile_size: int = 512, halo: int | None = None, reach_px: int = 0,
                   batch_size: int = 4, regions: Sequence[BaseGeometry] | None = None,
                   tissue: bool = True, workers: int | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> Detections:
+                  progress: Callable[[int, int], None] | None = None,
+                  batch_cells: BatchCellsFn | None = None, readers: int = 1) -> Detections:
     """Detect cells in a whole image or slide, tile by tile.
 
     Parameters
@@ -284,6 +296,11 @@ def predict_slide(slide: Slide, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
         Post-processing threads (default: up to 8, one per CPU).
     progress
         Called as ``progress(tiles_done, tiles_total)`` after each batch (and once at 0).
+    batch_cells
+        Maps and post-processing of a batch in one step (:data:`BatchCellsFn`), used
+        instead of ``map_fn`` and ``postprocess_fn`` when given.
+    readers
+        Threads reading the tiles of a batch.
 
     Returns
     -------
@@ -294,18 +311,23 @@ def predict_slide(slide: Slide, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
     plan = plan_tiles(slide, mpp=mpp, tile_size=tile_size, halo=halo, reach_px=reach_px,
                       regions=regions, tissue=tissue)
     return run_plan(slide, plan, map_fn, postprocess_fn, classes=classes, batch_size=batch_size,
-                    workers=workers, progress=progress)
+                    workers=workers, progress=progress, batch_cells=batch_cells,
+                    readers=readers)
 
 
 def iter_plan(slide: Slide, plan: TilePlan, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
               batch_size: int = 4, workers: int | None = None,
-              progress: Callable[[int, int], None] | None = None) -> Iterator[Detections]:
+              progress: Callable[[int, int], None] | None = None,
+              batch_cells: BatchCellsFn | None = None, readers: int = 1
+              ) -> Iterator[Detections]:
     """The cells of a :class:`TilePlan`, one :class:`Detections` per tile, in plan order.
 
     Cells are in full-resolution px (``mpp`` = the slide's), limited to the plan's regions.
     Tiles are read in a background thread and post-processed in a pool of ``workers`` threads
     while ``map_fn`` runs on the next batch; at most ``2·workers + batch_size`` tiles' maps
     are held, and nothing is accumulated here, so memory does not grow with the slide.
+    With ``batch_cells`` each batch goes through it instead, in one thread, while the caller
+    handles the cells of the batch before.
     """
     if batch_size < 1:
         raise QpcellError(f"batch size {batch_size} must be at least 1")
@@ -326,9 +348,13 @@ def iter_plan(slide: Slide, plan: TilePlan, map_fn: MapFn, postprocess_fn: Postp
             out = out.subset(shapely.contains_xy(plan.regions, xy[:, 0], xy[:, 1]))
         return out
 
+    if batch_cells is not None:
+        yield from _iter_batch_cells(slide, plan, batch_cells, batch_size, readers, progress,
+                                     finish)
+        return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qpcell-post") as pool:
         try:
-            for tiles, cores in _read_batches(slide, plan, batch_size, stop):
+            for tiles, cores in _read_batches(slide, plan, batch_size, stop, readers):
                 det, cls = map_fn(tiles)
                 det = np.asarray(det)
                 if det.shape != tiles.shape[:3]:
@@ -353,14 +379,49 @@ def iter_plan(slide: Slide, plan: TilePlan, map_fn: MapFn, postprocess_fn: Postp
             raise
 
 
+def _iter_batch_cells(slide: Slide, plan: TilePlan, batch_cells: BatchCellsFn,
+                      batch_size: int, readers: int,
+                      progress: Callable[[int, int], None] | None,
+                      finish: Callable[[Detections], Detections]) -> Iterator[Detections]:
+    """:func:`iter_plan` through ``batch_cells``: one batch in its thread while the caller
+    writes the cells of the one before."""
+    stop = threading.Event()
+    pending: deque[tuple[Future, int]] = deque()
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qpcell-batch") as pool:
+        try:
+            for tiles, cores in _read_batches(slide, plan, batch_size, stop, readers):
+                pending.append((pool.submit(batch_cells, tiles, cores, plan), len(cores)))
+                while pending and (len(pending) > 1 or pending[0][0].done()):
+                    fut, n = pending.popleft()
+                    cells = fut.result()
+                    done += n
+                    if progress:
+                        progress(done, len(plan))
+                    yield from (finish(c) for c in cells)
+            while pending:
+                fut, n = pending.popleft()
+                cells = fut.result()
+                done += n
+                if progress:
+                    progress(done, len(plan))
+                yield from (finish(c) for c in cells)
+        except BaseException:
+            stop.set()
+            for fut, _ in pending:
+                fut.cancel()
+            raise
+
+
 def run_plan(slide: Slide, plan: TilePlan, map_fn: MapFn, postprocess_fn: PostprocessFn, *,
              classes: Sequence[CellClass] | None = None, batch_size: int = 4,
-             workers: int | None = None, progress: Callable[[int, int], None] | None = None
-             ) -> Detections:
+             workers: int | None = None, progress: Callable[[int, int], None] | None = None,
+             batch_cells: BatchCellsFn | None = None, readers: int = 1) -> Detections:
     """Run a :class:`TilePlan` (the second half of :func:`predict_slide`): all the cells of
     :func:`iter_plan` in one :class:`Detections`."""
     parts = list(iter_plan(slide, plan, map_fn, postprocess_fn, batch_size=batch_size,
-                           workers=workers, progress=progress))
+                           workers=workers, progress=progress, batch_cells=batch_cells,
+                           readers=readers))
     if classes is None:
         classes = parts[0].classes if parts else None
         if classes is None:
@@ -396,16 +457,22 @@ class Predictor:
     reach_px: int = 0
     name: str = "model"
     info: dict = field(default_factory=dict)
+    batch_cells: BatchCellsFn | None = None
+    readers: int = 1
     #: Pixel size (µm/px) for images that carry none: what training estimated for its own
     #: images without one (``config.json``: ``training.source_mpp``), else None.
     source_mpp: float | None = None
 
     @classmethod
-    def from_bundle(cls, bundle, name: str | None = None, backend: str = "fast") -> Predictor:
+    def from_bundle(cls, bundle, name: str | None = None, backend: str = "fast",
+                    postprocess: str = "auto") -> Predictor:
         """From ``qpcell.checkpoint.ModelBundle`` (``load_model``); its maps are computed
         by the inference ``backend`` (:mod:`qpcell.inference`; ``"fast"``: bf16 PyTorch on
         CPUs with native bf16, else ONNX Runtime on CPUs, channels-last PyTorch with autocast
-        on GPUs)."""
+        on GPUs) and post-processed where ``postprocess`` says
+        (:func:`qpcell.device_cells.resolve_postprocess`: ``"auto"`` = on the device on CUDA).
+        """
+        from qpcell.device_cells import DeviceCells, resolve_postprocess
         from qpcell.inference import BACKENDS
 
         if backend not in BACKENDS:
@@ -415,12 +482,17 @@ class Predictor:
         if getattr(bundle, "postprocess_kind", "sdrdin") == "peaks":
             peaks = bundle.meta.get("peaks", {})
             reach = max(reach, int(math.ceil(float(peaks.get("min_distance_px", 3)))) + 1)
+        kind = getattr(bundle, "postprocess_kind", "sdrdin")
+        on_device = resolve_postprocess(postprocess, bundle.device, kind) == "device"
+        cuda = bundle.device.type == "cuda"
         return cls(partial(_backend_maps, bundle.predict_maps, backend), bundle.to_detections,
                    tuple(bundle.classes), bundle.mpp,
                    reach, name or str(getattr(bundle, "path", "model")),
                    {"architecture": getattr(bundle, "name", None),
                     "postprocess_kind": getattr(bundle, "postprocess_kind", None)},
-                   source_mpp_of(getattr(bundle, "meta", {}) or {}))
+                   DeviceCells(bundle, backend) if on_device else None,
+                   min(4, os.cpu_count() or 1) if on_device and cuda else 1,
+                   source_mpp=source_mpp_of(getattr(bundle, "meta", {}) or {}))
 
 
 def source_mpp_of(meta: dict) -> float | None:
@@ -671,7 +743,8 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
                 writer = _CellWriter(table, geojson, predictor.classes, slide.mpp)
                 tiles = files.enter_context(contextlib.closing(iter_plan(
                     slide, plan, predictor.map_fn, predictor.postprocess_fn,
-                    batch_size=batch_size, workers=workers, progress=tick)))
+                    batch_size=batch_size, workers=workers, progress=tick,
+                    batch_cells=predictor.batch_cells, readers=predictor.readers)))
                 for cells in tiles:
                     writer.add(cells)
                     counts += np.bincount(cells.labels, minlength=len(counts))
@@ -708,7 +781,7 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
     return results
 
 
-__all__ = ["MapFn", "PostprocessFn", "TilePlan", "plan_tiles", "predict_slide", "run_plan",
-           "iter_plan",
+__all__ = ["MapFn", "PostprocessFn", "BatchCellsFn", "TilePlan", "plan_tiles", "predict_slide",
+           "run_plan", "iter_plan",
            "default_halo", "Predictor", "PredictionJob", "ImageResult", "PredictEvent",
            "collect_jobs", "predict_to_folder", "start_summary", "output_paths", "SUMMARY_FILE"]

@@ -193,6 +193,11 @@ def test_speed_times_forward_pipeline_and_slide_at_the_asked_tile_size(tiny_mode
     assert result["ratios"]["pipeline_vs_forward"] == pytest.approx(
         t["pipeline"]["mpx_per_s"] / t["eager_forward"]["mpx_per_s"], rel=0.01, abs=1e-3)
     assert result["conv_reference_gmac_per_s"]["torch eager fp32"] > 0
+    dp = t["device_postprocess"]  # the device path, here on CPU tensors
+    assert dp["model_only"]["minutes_per_cm2"] > 0 and dp["pipeline_device"]["seconds"] > 0
+    assert dp["pipeline_cpu_postprocess_vs_device"] == pytest.approx(
+        t["pipeline"]["seconds"] / dp["pipeline_device"]["seconds"], rel=0.01)
+    assert all(v >= 0 for v in dp["stages_ms_per_tile"].values())
     (run,) = result["slide_runs"]
     assert run["tiles"] == 1 and run["peak_rss_mb"] > run["rss_before_model_mb"] > 0
     assert run["minutes_per_cm2"] > 0

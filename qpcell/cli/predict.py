@@ -22,16 +22,19 @@ from qpcell.errors import QpcellError
 
 
 def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "annotations",
-                   device: str | None = None, batch_size: int = 4, tile_size: int = 512,
+                   device: str | None = None, batch_size: int | None = 4, tile_size: int = 512,
                    mpp: float | None = None, overwrite: bool = False, tissue: bool = True,
                    workers: int | None = None, show: bool = True,
                    region_geoms: list | None = None, jobs: list | None = None,
-                   cluster: ClusterArgs | None = None, backend: str = "fast") -> list:
+                   cluster: ClusterArgs | None = None, backend: str = "fast",
+                   postprocess: str = "auto") -> list:
     """Load ``model``, predict every image of ``source`` into ``out``, show progress.
 
     ``region_geoms`` (shapely, full-resolution px) limits every image to those regions;
     ``jobs`` (``qpcell.predict.PredictionJob``) replaces the images found in ``source``.
-    ``backend`` is the inference backend (:mod:`qpcell.inference`). ``cluster`` runs the
+    ``backend`` is the inference backend (:mod:`qpcell.inference`); ``postprocess`` where
+    the cells are found (:mod:`qpcell.device_cells`); ``batch_size=None`` picks it from the
+    free memory of a CUDA device (else 4). ``cluster`` runs the
     images on Dask (:mod:`qpcell.cohort`) instead of in this process:
     images that fail there are listed, the others written, and a :class:`QpcellError`
     summarising the failures is raised at the end.
@@ -43,11 +46,11 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
 
     if tile_size % 16 or tile_size < 64:
         raise QpcellError(f"--tile-size {tile_size} must be a multiple of 16, at least 64")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise QpcellError(f"--batch-size {batch_size} must be at least 1")
     if cluster is not None:
         return _run_on_cluster(model, source, out, cluster, regions=regions, device=device,
-                               batch_size=batch_size, tile_size=tile_size, mpp=mpp,
+                               batch_size=batch_size or 4, tile_size=tile_size, mpp=mpp,
                                overwrite=overwrite, tissue=tissue, workers=workers, show=show,
                                region_geoms=region_geoms, jobs=jobs, backend=backend)
     bundle = load_model(model, device=device)
@@ -56,12 +59,18 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
     if region_geoms is not None:
         for job in jobs:
             job.regions = list(region_geoms)
-    predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()), backend=backend)
+    predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()), backend=backend,
+                                      postprocess=postprocess)
     _remove_leftovers(out, jobs)
+    if batch_size is None:
+        from qpcell.device_cells import auto_batch_size
+
+        batch_size = auto_batch_size(bundle, tile_size, backend)
     if show:
         console.print(f"model [bold]{escape(bundle.name)}[/] ({len(bundle.classes)} classes, "
                       f"{bundle.mpp or 'native'} µm/px) on {describe(bundle.device)} "
-                      f"({resolve_backend(backend, bundle.device)}); "
+                      f"({resolve_backend(backend, bundle.device)}, batch {batch_size}, "
+                      f"cells found on {'the device' if predictor.batch_cells else 'the CPU'}); "
                       f"{len(jobs)} image(s)", highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -210,7 +219,8 @@ def predict_command(
                                              "annotations limit the prediction (one image)."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, mps (default: best "
                                       "available)."),
-    batch_size: int = typer.Option(4, help="Tiles per forward pass."),
+    batch_size: int | None = typer.Option(None, help="Tiles per forward pass (default: from "
+                                          "the free memory of a CUDA device, else 4)."),
     tile_size: int = typer.Option(512, help="Tile side in px at the model's scale."),
     backend: str = typer.Option("fast", help="Inference backend: 'fast' (bf16 on CPUs with "
                                 "native bf16, else ONNX Runtime; autocast on GPUs), "
@@ -219,6 +229,9 @@ def predict_command(
                                      "what the files say."),
     tissue: bool = typer.Option(True, help="Skip tiles without tissue (large images)."),
     workers: int | None = typer.Option(None, help="Post-processing threads."),
+    postprocess: str = typer.Option("auto", help="Where cells are found in the maps: 'device' "
+                                    "(where the model runs; only the cells come back), 'cpu' "
+                                    "(numpy, in threads), 'auto' (the device on CUDA)."),
     overwrite: bool = typer.Option(False, help="Redo images whose outputs exist."),
     dask_workers: int | None = typer.Option(None, help="Run the images on a local Dask "
                                             "cluster of this many worker processes (one "
@@ -254,4 +267,4 @@ def predict_command(
     run_prediction(model, source, out, regions=regions, device=device, batch_size=batch_size,
                    tile_size=tile_size, mpp=mpp, overwrite=overwrite, tissue=tissue,
                    workers=workers, region_geoms=region_geoms, cluster=cluster,
-                   backend=backend)
+                   backend=backend, postprocess=postprocess)
