@@ -52,7 +52,7 @@ def test_predict_writes_region_figures_hotspots_and_report(job, tmp_path):
     assert entry["regions"][1]["measurements"]["qpcell: Num tumour"] == float(rows[1]["tumour"])
     assert summary["readouts"]["positive_classes"] == ["tumour"]
     # hotspots: QuPath annotations of the right class and size, with their figures
-    spots = json.loads((out / "slide.hotspots.geojson").read_text())["features"]
+    spots = json.loads((out / "slide.hotspots.json").read_text())["features"]
     kinds = [h["kind"] for h in entry["hotspots"]]
     assert kinds[0] == "positive" and len(spots) == len(kinds)
     first = spots[0]["properties"]
@@ -62,7 +62,7 @@ def test_predict_writes_region_figures_hotspots_and_report(job, tmp_path):
     ring = np.array(spots[0]["geometry"]["coordinates"][0])
     r = np.hypot(*(ring - [entry["hotspots"][0]["x"], entry["hotspots"][0]["y"]]).T)
     assert r == pytest.approx(np.sqrt(0.002e6 / 0.25 / np.pi), rel=1e-3)
-    assert len(read_geojson(out / "slide.hotspots.geojson").regions) == 0  # classified
+    assert len(read_geojson(out / "slide.hotspots.json").regions) == 0  # classified
     with Image.open(out / "slide.report.png") as im:
         assert im.size[0] > 800 and im.size[1] > 500
     assert res.readouts["hotspots"][0]["positive_percent"] >= float(rows[0]["positive %"])
@@ -73,7 +73,7 @@ def test_without_options_no_hotspots_and_rerun_keeps_rows(job, tmp_path):
     job.regions = None
     predict_to_folder([job], predictor(mpp=0.5), out, tile_size=256,
                       readouts=ReadoutOptions(report=False))
-    assert not (out / "slide.hotspots.geojson").exists()
+    assert not (out / "slide.hotspots.json").exists()
     assert not (out / "slide.report.png").exists()
     first = (out / "summary.csv").read_text()
     assert "positive" not in first.splitlines()[0] and len(first.splitlines()) == 2

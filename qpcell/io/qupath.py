@@ -1094,7 +1094,12 @@ class PaquoWriter:
     def detections(self, entry_id: str, score_key: str) -> tuple[list[Any], list[dict]]:
         return existing_detection_stubs(self.entry(entry_id).hierarchy, score_key)
 
-    def replace(self, entry_id: str, remove: Sequence[Any], add: list[dict]) -> None:
+    def replace(self, entry_id: str, remove: Sequence[Any], add: list[dict],
+                update: Callable[[Any], Any] | None = None) -> None:
+        """Replace detections, then ``update(hierarchy)`` (e.g. annotation read-outs), then
+        save the image once."""
         entry = self.entry(entry_id)
         replace_in_hierarchy(entry.hierarchy, remove, add)
+        if update is not None:
+            update(entry.hierarchy)
         entry.save()

@@ -1,7 +1,7 @@
 """Read-outs to files: ``summary.csv``, the hotspot GeoJSON and the per-image entry of
 ``predictions.json`` (see :mod:`qpcell.readouts` for the figures themselves).
 
-Per image ``<stem>`` a ``qpcell predict`` folder gains ``<stem>.hotspots.geojson`` (one QuPath
+Per image ``<stem>`` a ``qpcell predict`` folder gains ``<stem>.hotspots.json`` (one QuPath
 annotation per hotspot, classified ``qpcell hotspot``, with its figures as measurements; only
 with ``--hotspot-mm2``) and ``<stem>.report.png``; the folder gains ``summary.csv``, one row
 per image and region, rebuilt from ``predictions.json`` after each image.
@@ -36,7 +36,7 @@ from qpcell.readouts import (
 )
 
 SUMMARY_CSV = "summary.csv"
-HOTSPOT_SUFFIX = ".hotspots.geojson"
+HOTSPOT_SUFFIX = ".hotspots.json"
 REPORT_SUFFIX = ".report.png"
 #: Vertices of a hotspot circle written to GeoJSON.
 CIRCLE_VERTICES = 72
@@ -163,7 +163,7 @@ def image_readouts(out: Path, job, slide, classes: Sequence, cells_xy: Sequence[
     """Read out one predicted image into the folder ``out`` (what ``predict_to_folder`` calls).
 
     ``job`` is the ``PredictionJob`` (``name``, ``regions``), ``slide`` the open image,
-    ``cells_xy`` / ``cells_class`` its cells in pieces. Writes ``<stem>.hotspots.geojson``
+    ``cells_xy`` / ``cells_class`` its cells in pieces. Writes ``<stem>.hotspots.json``
     (or removes a stale one) and ``<stem>.report.png``, adding them to ``written``. Returns
     the ``readouts`` entry of ``predictions.json`` with a ``warnings`` list to pop.
     """
