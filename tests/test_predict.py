@@ -258,7 +258,7 @@ def test_output_folder_formats(images, tmp_path):
     results = predict_to_folder(images, predictor(), out, tile_size=256)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"img{i}.{ext}" for i in (0, 1)
-         for ext in ("geojson", "csv", "overlay.png", "report.png")]
+         for ext in ("geojson", "csv", "overlay.png", "report.png", "measurements.tsv")]
         + ["predictions.json", "summary.csv"])
     with open_slide(images[0].image) as s:
         direct = predict_slide(s, fake_maps, fake_post(), mpp=None, tile_size=256,

@@ -51,6 +51,9 @@ def test_predict_writes_region_figures_hotspots_and_report(job, tmp_path):
     entry = summary["images"]["slide"]["readouts"]
     assert entry["regions"][1]["measurements"]["qpcell: Num tumour"] == float(rows[1]["tumour"])
     assert summary["readouts"]["positive_classes"] == ["tumour"]
+    tsv = [ln.split("\t") for ln in (out / "slide.measurements.tsv").read_text().splitlines()]
+    assert tsv[0] == ["index", "region", "measurement", "value"]
+    assert ["2", "region 2", "qpcell: Num tumour", repr(float(rows[2]["tumour"]))] in tsv
     # hotspots: QuPath annotations of the right class and size, with their figures
     spots = json.loads((out / "slide.hotspots.json").read_text())["features"]
     kinds = [h["kind"] for h in entry["hotspots"]]

@@ -265,7 +265,8 @@ def predict_command(
     """Detect and classify cells; write QuPath GeoJSON, CSV and overlay PNGs.
 
     Per image and region (each annotation it ran in) it also counts the cells of each
-    class, their share and density, and with --positive-classes the positive %
+    class, their share and density, and with --positive-classes (against
+    --negative-classes or all others) the positive %
     (e.g. the Ki67 index): summary.csv, <image>.report.png and predictions.json.
     """
     region_geoms = None

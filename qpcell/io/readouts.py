@@ -3,8 +3,11 @@
 
 Per image ``<stem>`` a ``qpcell predict`` folder gains ``<stem>.hotspots.json`` (one QuPath
 annotation per hotspot, classified ``qpcell hotspot``, with its figures as measurements; only
-with ``--hotspot-mm2``) and ``<stem>.report.png``; the folder gains ``summary.csv``, one row
-per image and region, rebuilt from ``predictions.json`` after each image.
+with ``--hotspot-mm2``), ``<stem>.measurements.tsv`` (the QuPath measurements of each region,
+for ``qpcell-detect.groovy``: ``index``, ``region``, ``measurement``, ``value``; index 0 is the
+whole image, 1.. the regions in the order given) and ``<stem>.report.png``; the folder gains
+``summary.csv``, one row per image and region, rebuilt from ``predictions.json`` after each
+image.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from qpcell.readouts import (
 
 SUMMARY_CSV = "summary.csv"
 HOTSPOT_SUFFIX = ".hotspots.json"
+MEASUREMENTS_SUFFIX = ".measurements.tsv"
 REPORT_SUFFIX = ".report.png"
 #: Vertices of a hotspot circle written to GeoJSON.
 CIRCLE_VERTICES = 72
@@ -141,6 +145,15 @@ def write_hotspots(path: str | Path, spots: Sequence[Hotspot]) -> None:
     atomic_write_text(path, json.dumps(data, allow_nan=False) + "\n")
 
 
+def write_measurements_tsv(path: str | Path, rows: Sequence[RegionReadout]) -> None:
+    """The QuPath measurements of each region as tab-separated lines, atomically."""
+    lines = ["index\tregion\tmeasurement\tvalue"]
+    for r in rows:
+        name = " ".join(r.name.split())  # no tabs or newlines inside a field
+        lines += [f"{r.index}\t{name}\t{k}\t{v!r}" for k, v in qupath_measurements(r).items()]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def write_summary_csv(path: str | Path, images: Mapping[str, Mapping]) -> int:
     """``summary.csv`` from the ``images`` of ``predictions.json``: one row per image and
     region (images predicted before read-outs existed have none). Returns the row count."""
@@ -174,6 +187,8 @@ def image_readouts(out: Path, job, slide, classes: Sequence, cells_xy: Sequence[
     size = (slide.width, slide.height)
     result = read_out(xy, labels, names, image_size=size, regions=job.regions,
                       mpp=slide.mpp, options=options)
+    write_measurements_tsv(out / f"{job.name}{MEASUREMENTS_SUFFIX}", result.regions)
+    written["measurements"] = out / f"{job.name}{MEASUREMENTS_SUFFIX}"
     hot_path = out / f"{job.name}{HOTSPOT_SUFFIX}"
     if result.hotspots:
         write_hotspots(hot_path, result.hotspots)
@@ -198,5 +213,6 @@ def image_readouts(out: Path, job, slide, classes: Sequence, cells_xy: Sequence[
 
 
 __all__ = ["ReadoutOptions", "image_readouts", "ImageReadouts", "read_out", "region_names", "hotspot_feature",
-           "write_hotspots", "write_summary_csv", "SUMMARY_CSV", "HOTSPOT_SUFFIX",
+           "write_hotspots", "write_summary_csv", "write_measurements_tsv", "SUMMARY_CSV",
+           "HOTSPOT_SUFFIX", "MEASUREMENTS_SUFFIX",
            "REPORT_SUFFIX"]
