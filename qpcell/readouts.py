@@ -565,7 +565,7 @@ def find_hotspots(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
     if rule is not None:
         pos_idx = [names.index(n) for n in rule.positive]
         neg_idx = [names.index(n) for n in rule.negatives(names)]
-        up_p, lo_p = flat_upper[pos_idx].sum(0), flat_lower[pos_idx].sum(0)
+        up_p = flat_upper[pos_idx].sum(0)
         up_n, lo_n = flat_upper[neg_idx].sum(0), flat_lower[neg_idx].sum(0)
         possible = up_p + up_n >= min_cells
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -617,7 +617,129 @@ def density_map(xy: np.ndarray, labels: np.ndarray, n_classes: int, *,
     return counts / ((bin_px * mpp) ** 2 / UM2_PER_MM2)
 
 
+# ----------------------------------------------------------------------------------------
+# Agreement of counts (predicted vs true, per image)
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Agreement:
+    """How well one per-image figure is predicted: ``true`` and ``pred`` over the images.
+
+    ``mae`` mean absolute error; ``bias`` mean of ``pred - true``; ``loa`` Bland-Altman
+    95% limits of agreement (``bias ± 1.96·sd``); ``r`` Pearson correlation (``None`` when
+    either side is constant or fewer than 3 images).
+    """
+
+    name: str
+    true: np.ndarray
+    pred: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.true)
+
+    @property
+    def mae(self) -> float | None:
+        return float(np.mean(np.abs(self.pred - self.true))) if self.n else None
+
+    @property
+    def bias(self) -> float | None:
+        return float(np.mean(self.pred - self.true)) if self.n else None
+
+    @property
+    def loa(self) -> tuple[float, float] | None:
+        if self.n < 2:
+            return None
+        d = self.pred - self.true
+        sd = float(np.std(d, ddof=1))
+        return float(d.mean() - 1.96 * sd), float(d.mean() + 1.96 * sd)
+
+    @property
+    def r(self) -> float | None:
+        if self.n < 3 or np.ptp(self.true) == 0 or np.ptp(self.pred) == 0:
+            return None
+        return float(np.corrcoef(self.true, self.pred)[0, 1])
+
+    def to_dict(self) -> dict:
+        return {"n_images": self.n, "mae": self.mae, "bias": self.bias,
+                "limits_of_agreement": self.loa, "pearson_r": self.r}
+
+
+@dataclass
+class CountAgreement:
+    """Per-image true vs predicted counts per class and positive fraction.
+
+    ``counts[name]``: :class:`Agreement` of the cells of class ``name`` per image;
+    ``positive``: of the positive fraction in % (images where both sides have positive or
+    negative cells), or ``None`` without a rule.
+    """
+
+    images: list[str]
+    counts: dict[str, Agreement]
+    positive: Agreement | None
+    rule: PositiveRule | None
+    rows: list[dict]
+
+    def to_dict(self) -> dict:
+        return {"per_class": {k: a.to_dict() for k, a in self.counts.items()},
+                "positive_percent": None if self.positive is None else self.positive.to_dict(),
+                "rule": None if self.rule is None else {"positive": list(self.rule.positive),
+                                                        "negative": list(self.rule.negative)},
+                "images": self.rows}
+
+
+def count_agreement(pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+                    class_names: Sequence[str], names: Sequence[str], *,
+                    regions: Sequence[Sequence[BaseGeometry] | None] | None = None,
+                    rule: PositiveRule | None = None) -> CountAgreement:
+    """Compare per-image counts and positive fractions of predictions and ground truth.
+
+    Parameters
+    ----------
+    pairs
+        Per image ``(pred_xy, pred_labels, true_xy, true_labels)`` (px; labels index
+        ``class_names``).
+    names
+        Image names, one per pair.
+    regions
+        Per image the annotated regions (cells outside them are left out on both sides), or
+        ``None`` for the whole image.
+    rule
+        Positive / negative classes for the positive fraction.
+    """
+    k = len(class_names)
+    true_c = np.zeros((len(pairs), k))
+    pred_c = np.zeros((len(pairs), k))
+    for i, (pxy, plab, txy, tlab) in enumerate(pairs):
+        reg = None if regions is None else regions[i]
+        plab, tlab = np.asarray(plab, np.int64), np.asarray(tlab, np.int64)
+        if reg:
+            union = shapely.union_all([g for g in reg if g is not None])
+            plab = plab[inside(pxy, union)]
+            tlab = tlab[inside(txy, union)]
+        pred_c[i] = np.bincount(plab, minlength=k)[:k]
+        true_c[i] = np.bincount(tlab, minlength=k)[:k]
+    counts = {n: Agreement(n, true_c[:, j], pred_c[:, j]) for j, n in enumerate(class_names)}
+    rows = []
+    pos_t, pos_p = [], []
+    for i, name in enumerate(names):
+        t = {n: int(true_c[i, j]) for j, n in enumerate(class_names)}
+        p = {n: int(pred_c[i, j]) for j, n in enumerate(class_names)}
+        row = {"image": name, "true": t, "predicted": p}
+        if rule is not None:
+            ft, fp = rule.fraction(t), rule.fraction(p)
+            row["true_positive_percent"] = None if ft is None else 100 * ft
+            row["predicted_positive_percent"] = None if fp is None else 100 * fp
+            if ft is not None and fp is not None:
+                pos_t.append(100 * ft)
+                pos_p.append(100 * fp)
+        rows.append(row)
+    positive = None if rule is None else Agreement("positive %", np.array(pos_t),
+                                                   np.array(pos_p))
+    return CountAgreement(list(names), counts, positive, rule, rows)
+
+
 __all__ = ["MEASUREMENT_PREFIX", "HOTSPOT_CLASS", "HOTSPOT_MIN_CELLS", "PositiveRule",
            "positive_rule", "RegionReadout", "region_readouts", "inside",
            "qupath_measurements", "table_row", "Hotspot", "hotspot_radius", "find_hotspots",
-           "bin_counts", "density_map"]
+           "bin_counts", "density_map", "Agreement", "CountAgreement", "count_agreement"]

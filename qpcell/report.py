@@ -67,7 +67,8 @@ def render_report(thumbnail: np.ndarray, *, title: str,
     """The report as PNG bytes.
 
     ``thumbnail`` is the whole image at any scale (drawn over ``image_size`` px); ``xy`` /
-    ``labels`` the cells (full-resolution px, class indices); ``regions`` the ``(name, polygon)`` pairs read out, ``readouts`` their figures (whole image first).
+    ``labels`` the cells (full-resolution px, class indices); ``regions`` the
+    ``(name, polygon)`` pairs read out, ``readouts`` their figures (whole image first).
     """
     import matplotlib
 
@@ -171,10 +172,75 @@ def render_report(thumbnail: np.ndarray, *, title: str,
     return buf.getvalue()
 
 
+def plot_count_agreement(agreement, path: str | Path, *, title: str = "",
+                         class_colors: dict | None = None, dpi: int = 120) -> Path:
+    """Scatter of predicted vs true cells per image for each class, and for the positive
+    fraction (when there is one) a scatter and a Bland-Altman plot, to a PNG (atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    panels = len(agreement.counts) + (2 if agreement.positive is not None else 0)
+    cols = min(panels, 4)
+    rows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.8 * rows), dpi=dpi,
+                             squeeze=False)
+    flat = list(axes.ravel())
+
+    def scatter(ax, a, color, unit):
+        lim = max(float(np.max(a.true, initial=0)), float(np.max(a.pred, initial=0)), 1) * 1.05
+        ax.plot([0, lim], [0, lim], color="0.6", lw=1, ls="--")
+        ax.scatter(a.true, a.pred, s=14, color=color, alpha=0.7, lw=0)
+        ax.set_xlim(0, lim)
+        ax.set_ylim(0, lim)
+        ax.set_xlabel(f"true {unit}")
+        ax.set_ylabel(f"predicted {unit}")
+        r = "-" if a.r is None else f"{a.r:.3f}"
+        ax.set_title(f"{a.name}: MAE {a.mae:.2f}, r {r}" if a.n else a.name, fontsize=10)
+
+    colors = class_colors or {}
+    for ax, (name, a) in zip(flat, agreement.counts.items(), strict=False):
+        rgb = colors.get(name)
+        scatter(ax, a, tuple(v / 255 for v in rgb) if rgb else "C0", "cells per image")
+    if agreement.positive is not None:
+        a = agreement.positive
+        ax = flat[len(agreement.counts)]
+        scatter(ax, a, "black", "positive %")
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax = flat[len(agreement.counts) + 1]
+        mean = (a.true + a.pred) / 2
+        diff = a.pred - a.true
+        ax.scatter(mean, diff, s=14, color="black", alpha=0.7, lw=0)
+        if a.n:
+            ax.axhline(a.bias, color="C3", lw=1.2, label=f"bias {a.bias:+.2f}")
+        if a.loa is not None:
+            for v in a.loa:
+                ax.axhline(v, color="C3", lw=1, ls="--")
+            ax.set_title(f"Bland-Altman: limits {a.loa[0]:+.1f} to {a.loa[1]:+.1f}",
+                         fontsize=10)
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.set_xlabel("mean of true and predicted positive %")
+        ax.set_ylabel("predicted - true (points)")
+        if a.n:
+            ax.legend(fontsize=8, loc="upper right")
+    for ax in flat[panels:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 def write_report(path: str | Path, **kwargs) -> Path:
     """:func:`render_report` to ``path``, atomically."""
     atomic_write_bytes(path, render_report(**kwargs))
     return Path(path)
 
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["render_report", "write_report", "plot_count_agreement"]

@@ -212,7 +212,8 @@ def image_readouts(out: Path, job, slide, classes: Sequence, cells_xy: Sequence[
     return entry
 
 
-__all__ = ["ReadoutOptions", "image_readouts", "ImageReadouts", "read_out", "region_names", "hotspot_feature",
+__all__ = ["ReadoutOptions", "image_readouts", "ImageReadouts", "read_out", "region_names",
+           "hotspot_feature",
            "write_hotspots", "write_summary_csv", "write_measurements_tsv", "SUMMARY_CSV",
            "HOTSPOT_SUFFIX", "MEASUREMENTS_SUFFIX",
            "REPORT_SUFFIX"]
