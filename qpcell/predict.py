@@ -27,7 +27,9 @@ an image is (re)predicted its old GeoJSON is removed, so a marker never vouches 
 earlier run. Every file is written atomically. The CSV and GeoJSON are streamed, tile by tile,
 into their temporary files, so the cells of a slide are never all held in memory.
 ``predictions.json`` (model, classes, pixel sizes, counts per image) is rewritten after each
-image.
+image. The read-outs per image and region (:mod:`qpcell.io.readouts`: ``summary.csv``,
+``<stem>.measurements.tsv``, ``<stem>.report.png``, ``<stem>.hotspots.json``) are written
+before the GeoJSON marker.
 """
 
 from __future__ import annotations
@@ -672,9 +674,9 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
                     paths["overlay"].unlink(missing_ok=True)
                     warns.append(f"no overlay: the image has {slide.width}x{slide.height} px "
                                  f"(overlays only up to {limit:,} px)")
-            figures = image_readouts(out, job, slide, predictor.classes, cells_xy, cells_class,
-                                     readouts, written)
-            warns += figures.pop("warnings")
+                figures = image_readouts(out, job, slide, predictor.classes, cells_xy,
+                                         cells_class, readouts, written)
+                warns += figures.pop("warnings")
             written["geojson"] = paths["geojson"]
             counts_by_name = {c.name: int(k) for c, k in zip(predictor.classes, counts,
                                                               strict=True)}

@@ -85,9 +85,11 @@ def run_annotate_back(predictions: Path, project: Path, *, images: list[str] | N
 
 
 def predict_project(model: Path, project: Path, out: Path, *, images: list[str] | None,
-                    image_root: list[str] | None, device: str | None, overwrite: bool) -> None:
+                    image_root: list[str] | None, device: str | None, overwrite: bool,
+                    positive_classes: str | None = None,
+                    negative_classes: str | None = None) -> None:
     """Run ``model`` on every image of a QuPath project (read without Java) into ``out``."""
-    from qpcell.cli.predict import run_prediction
+    from qpcell.cli.predict import readout_options, run_prediction
     from qpcell.errors import QpcellError
     from qpcell.io.qupath import image_stem, read_project_info, select_images
     from qpcell.predict import PredictionJob
@@ -100,7 +102,9 @@ def predict_project(model: Path, project: Path, out: Path, *, images: list[str] 
                           f"{' ...' if len(missing) > 5 else ''} (use --image-root OLD=NEW)",
                           project)
     jobs = [PredictionJob(image_stem(e.name), e.path, None, e.mpp) for e in entries]
-    run_prediction(model, project, out, device=device, overwrite=overwrite, jobs=jobs)
+    readouts = readout_options(model, positive_classes, negative_classes, None, 500, True)
+    run_prediction(model, project, out, device=device, overwrite=overwrite, jobs=jobs,
+                   readouts=readouts)
 
 
 @app.command("annotate-back")
@@ -160,7 +164,8 @@ def annotate_back_command(
         folder = project if project.is_dir() else project.parent
         predictions = out or folder / "qpcell" / "predictions"
         predict_project(model, project, predictions, images=split_names(images),
-                        image_root=image_root, device=device, overwrite=overwrite)
+                        image_root=image_root, device=device, overwrite=overwrite,
+                        positive_classes=positive_classes, negative_classes=negative_classes)
     elif len(paths) != 2:
         raise QpcellError("give PREDICTIONS and PROJECT (or --model MODEL and PROJECT)")
     else:
