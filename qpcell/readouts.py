@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import shapely
@@ -55,7 +55,7 @@ HOTSPOT_MIN_CELLS = 500
 #: Grid spacing of the hotspot search: the circle's radius over this.
 BINS_PER_RADIUS = 24
 #: The search grid has at most this many centres (the spacing grows on huge extents).
-MAX_GRID = 4_000_000
+MAX_GRID = 1_000_000
 #: At most this many circles are counted exactly per hotspot search.
 MAX_EXACT = 8_192
 UM2_PER_MM2 = 1e6
@@ -412,8 +412,8 @@ class _Grid:
     bin: float
     shape: tuple[int, int]
     counts: np.ndarray  # (C, H, W) float64 cells per class and bin
-    lower: np.ndarray = field(default=None)  # (C, H, W) cells surely in each circle
-    upper: np.ndarray = field(default=None)  # (C, H, W) cells possibly in each circle
+    lower: np.ndarray | None = None  # (C, H, W) float32 cells surely in each circle
+    upper: np.ndarray | None = None  # (C, H, W) float32 cells possibly in each circle
 
     def centres(self, flat: np.ndarray) -> np.ndarray:
         i, j = np.divmod(flat, self.shape[1])
@@ -446,7 +446,7 @@ def _convolve(counts: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     if not kernel.any():
         return np.zeros_like(counts)
     out = fftconvolve(counts, kernel[None], mode="same", axes=(1, 2))
-    return np.rint(np.maximum(out, 0.0))
+    return np.rint(np.maximum(out, 0.0)).astype(np.float32)  # whole cell counts
 
 
 def _grid(xy: np.ndarray, labels: np.ndarray, n_classes: int, radius: float,
@@ -565,8 +565,9 @@ def find_hotspots(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
     if rule is not None:
         pos_idx = [names.index(n) for n in rule.positive]
         neg_idx = [names.index(n) for n in rule.negatives(names)]
-        up_p = flat_upper[pos_idx].sum(0)
-        up_n, lo_n = flat_upper[neg_idx].sum(0), flat_lower[neg_idx].sum(0)
+        up_p = flat_upper[pos_idx].sum(0, dtype=np.float64)
+        up_n = flat_upper[neg_idx].sum(0, dtype=np.float64)
+        lo_n = flat_lower[neg_idx].sum(0, dtype=np.float64)
         possible = up_p + up_n >= min_cells
         with np.errstate(invalid="ignore", divide="ignore"):
             f_up = np.where(up_p + lo_n > 0, up_p / (up_p + lo_n), 0.0)
