@@ -376,7 +376,8 @@ def test_interrupted_run_leaves_no_half_written_file(images, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="simulated"):
         predict_to_folder(images, predictor(maps), out, tile_size=256)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["img0.csv", "img0.geojson", "img0.overlay.png", "predictions.json"]
+    assert names == ["img0.csv", "img0.geojson", "img0.measurements.tsv", "img0.overlay.png",
+                     "img0.report.png", "predictions.json", "summary.csv"]
     assert list(json.loads((out / "predictions.json").read_text())["images"]) == ["img0"]
     # a crash while the GeoJSON is being written: no GeoJSON, no temporary file
     import qpcell.predict as pr
