@@ -124,7 +124,7 @@ def render_report(thumbnail: np.ndarray, *, title: str,
         ax = fig.add_subplot(grid[i // cols, i % cols])
         m = maps[k]
         im = ax.imshow(m, extent=(0, m.shape[1] * bin_px, m.shape[0] * bin_px, 0),
-                       cmap="magma", vmin=0, vmax=max(float(m.max()), 1e-9),
+                       cmap="magma", vmin=0, vmax=max(float(m.max()), 1.0),
                        interpolation="nearest")
         for hs in hotspots:
             if hs.kind == "density" and hs.target == c.name:
@@ -135,8 +135,9 @@ def render_report(thumbnail: np.ndarray, *, title: str,
         ax.set_xticks([])
         ax.set_yticks([])
         rgb = tuple(v / 255 for v in c.color)
+        densest = any(hs.kind == "density" and hs.target == c.name for hs in hotspots)
         ax.set_title(f"{c.name}: {readouts[0].counts.get(c.name, 0):,} cells"
-                     + (", densest circle (cyan)" if hotspots else ""), fontsize=10)
+                     + (", densest circle (cyan)" if densest else ""), fontsize=10)
         ax.text(0.0, 1.02, "■", transform=ax.transAxes, color=rgb, fontsize=14,
                 va="bottom")
         cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
