@@ -11,6 +11,10 @@
  * and imports the cells as detections (class, colour, measurements "qpcell: score" and
  * "qpcell: p(<class>)"), each inside the annotation that contains it. qpcell's earlier cells
  * in the same place are removed first; other objects are never touched.
+ * Each annotation predicted in gets the read-outs "qpcell: Num <class>", "qpcell: <class> %",
+ * "qpcell: <class> per mm^2" and, with POSITIVE_CLASSES, "qpcell: positive %" (the Ki67 index
+ * when the classes are Ki67-positive / -negative tumour cells); a rerun replaces only qpcell's
+ * measurements. With HOTSPOT_MM2 the hotspots become annotations classified "qpcell hotspot".
  * Every line qpcell prints appears in the log below; "Kill running script" stops qpcell.
  */
 
@@ -28,11 +32,18 @@ MODEL = "qpcell-model"
 // "auto": selected annotations, else all area annotations, else the whole image;
 // "selected", "all" (area annotations) or "whole" (the whole image) to force one
 REGIONS = "auto"
+// Classes counted positive for "qpcell: positive %", e.g. "Ki67-positive" ("" = none), and
+// the negative ones ("" = every other class)
+POSITIVE_CLASSES = ""
+NEGATIVE_CLASSES = ""
+// Hotspot circle area in mm², e.g. 0.5 (null = no hotspot search)
+HOTSPOT_MM2 = null
 // More options for qpcell predict, e.g. ["--device", "cuda"]
 PREDICT_OPTIONS = []
 // -------------------------------------------------------------------------------------------
 
 QPCELL_SCORE = "qpcell: score"
+HOTSPOT_CLASS = "qpcell hotspot"
 
 def imageData = getCurrentImageData()
 if (imageData == null)
@@ -52,7 +63,8 @@ if (!modelDir.isAbsolute()) {
 if (!modelDir.exists())
     throw new RuntimeException("qpcell: no model at " + modelDir + " (run qpcell-train.groovy or set MODEL)")
 
-def regions = chooseRegions(REGIONS)
+// qpcell's own hotspot circles are never regions
+def regions = chooseRegions(REGIONS).findAll { !(it.getPathClass() != null && it.getPathClass().toString() == HOTSPOT_CLASS) }
 def name = getProjectEntry() != null ? getProjectEntry().getImageName() : server.getMetadata().getName()
 println "qpcell: " + name + ": " + (regions ? regions.size() + " annotation(s)" : "the whole image")
 
@@ -71,6 +83,12 @@ try {
         predictArgs += ["--regions-file", regionsFile.getPath()]
     if (mpp != null)
         predictArgs += ["--mpp", mpp.toString()]
+    if (POSITIVE_CLASSES)
+        predictArgs += ["--positive-classes", POSITIVE_CLASSES]
+    if (NEGATIVE_CLASSES)
+        predictArgs += ["--negative-classes", NEGATIVE_CLASSES]
+    if (HOTSPOT_MM2 != null)
+        predictArgs += ["--hotspot-mm2", HOTSPOT_MM2.toString()]
     predictArgs += PREDICT_OPTIONS
     // <<< qpcell command line
     runQpcell(predictArgs)
@@ -88,6 +106,19 @@ try {
     resolveHierarchy()
     int added = getDetectionObjects().size() - before
     println "qpcell: " + name + ": " + added + " cells added, " + old.size() + " earlier qpcell cells replaced"
+
+    def stem = results[0].getName().substring(0, results[0].getName().length() - ".geojson".length())
+    int measured = putMeasurements(new File(outDir, stem + ".measurements.tsv"), regions)
+    if (measured) {
+        fireHierarchyUpdate()
+        println "qpcell: " + name + ": read-outs on " + measured + " annotation(s)"
+    }
+    def hotspots = new File(outDir, stem + ".hotspots.json")
+    if (hotspots.isFile()) {
+        removeObjects(getAnnotationObjects().findAll { it.getPathClass() != null && it.getPathClass().toString() == HOTSPOT_CLASS }, true)
+        importObjectsFromFile(hotspots.getPath())
+        println "qpcell: " + name + ": hotspot annotation(s) added (class \"" + HOTSPOT_CLASS + "\")"
+    }
 } finally {
     work.deleteDir()
 }
@@ -120,6 +151,29 @@ void exportRegions(List regions, File file) {
     def pathObjects = Class.forName("qupath.lib.objects.PathObjects", true, getClass().getClassLoader())
     def plain = regions.collect { pathObjects.createAnnotationObject(it.getROI()) }
     exportObjectsToGeoJson(plain, file.getPath(), "FEATURE_COLLECTION")
+}
+
+/** The read-outs of <stem>.measurements.tsv (index, region, measurement, value; index i >= 1
+ *  is regions[i - 1]) on the regions: qpcell's earlier measurements ("qpcell: ...") are
+ *  removed first, the user's stay. Returns the number of annotations changed. */
+int putMeasurements(File table, List regions) {
+    if (!table.isFile() || !regions)
+        return 0
+    def byRegion = [:]
+    table.readLines("UTF-8").drop(1).each { line ->
+        def f = line.split("\t", -1)
+        if (f.length == 4 && f[0].isInteger() && f[0].toInteger() >= 1 && f[0].toInteger() <= regions.size())
+            byRegion.get(f[0].toInteger(), []).add([f[2], Double.parseDouble(f[3])])
+    }
+    byRegion.each { i, values ->
+        def ml = regions[i - 1].getMeasurementList()
+        def stale = ml.getMeasurementNames().findAll { it.startsWith("qpcell: ") }
+        if (stale)
+            ml.removeMeasurements(stale as String[])
+        values.each { ml.put(it[0], it[1]) }
+        ml.close()
+    }
+    return byRegion.size()
 }
 
 boolean isQpcell(obj) {

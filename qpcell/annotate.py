@@ -451,6 +451,8 @@ class ImageResult:
     kept: int | None = None  # other detections left as they were
     status: str = "written"
     relinked: str | None = None  # the image file the entry was relinked to
+    measured: int = 0  # annotations given qpcell's read-out measurements
+    hotspots: int = 0  # hotspot annotations written
 
 
 @dataclass
@@ -522,7 +524,8 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
                   image_root: Mapping[str, str] | Iterable[str] | None = None,
                   opener: Callable[..., Any] | None = None,
                   writer_factory: Callable[[Any], Writer] | None = None,
-                  stamp: str | None = None) -> AnnotateReport:
+                  stamp: str | None = None, positive_classes: Sequence[str] | str | None = None,
+                  negative_classes: Sequence[str] | str | None = None) -> AnnotateReport:
     """Write the detections in a ``qpcell predict`` output folder into a QuPath project.
 
     Parameters
@@ -547,6 +550,9 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
         ``writer_factory(project)`` -> :class:`Writer`; defaults use paquo (tests pass fakes).
     stamp
         Backup folder name (default: the current time).
+    positive_classes, negative_classes
+        For the ``qpcell: positive %`` measurement of each area annotation (default: those
+        given to ``qpcell predict``, in ``predictions.json``); see :mod:`qpcell.readouts`.
 
     Raises
     ------
@@ -562,8 +568,8 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
     report = AnnotateReport(project=info.path, dry_run=dry_run)
     report.notes += list(info.warnings)
     files = prediction_files(predictions)
-    index_classes = classes_from_index(prediction_index(predictions)) if Path(
-        predictions).is_dir() else []
+    index = prediction_index(predictions) if Path(predictions).is_dir() else {}
+    index_classes = classes_from_index(index)
     chosen = select_images(info.images, images, info.path)
     matches, unmatched = match_predictions(files, chosen)
     report.unmatched = unmatched
@@ -678,13 +684,18 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
                                     f"{m.image.path} (QuPath saves objects only for images "
                                     "it finds; the backup holds the old project file)")
             writer.add_classes(mapping.new)
+            rule = _positive_rule(index, pred_classes, positive_classes, negative_classes)
             for m in todo:
                 objects, stubs = writer.detections(m.image.entry_id, score)
                 plan = plan_replacement(stubs, features[m.image.entry_id])
+                update = _readouts_update(detections[m.image.entry_id], m, rule, index)
                 touched.append(m.image.entry_id)
-                writer.replace(m.image.entry_id, [objects[i] for i in plan.remove], plan.add)
+                writer.replace(m.image.entry_id, [objects[i] for i in plan.remove], plan.add,
+                               update=update)
                 r = result_for(m)
                 r.added, r.removed, r.kept = len(plan.add), len(plan.remove), len(plan.keep)
+                r.measured = update.written.annotations
+                r.hotspots = update.written.hotspots_added
                 r.relinked = relinked.get(m.image.entry_id)
                 if r.relinked:
                     r.status = "written (relinked)"
@@ -700,6 +711,46 @@ def annotate_back(predictions: str | Path, project: str | Path, *,
             raise
     report.notes.append(RELOAD_NOTE)
     return report
+
+
+def _positive_rule(index: Mapping, classes: Sequence[CellClass],
+                   positive: Sequence[str] | str | None, negative: Sequence[str] | str | None):
+    """The positive rule given, else the one ``qpcell predict`` used (``predictions.json``)."""
+    from qpcell.readouts import positive_rule
+
+    if not positive and not negative:
+        saved = index.get("readouts") or {}
+        positive, negative = saved.get("positive_classes"), saved.get("negative_classes")
+    return positive_rule([c.name for c in classes], positive, negative)
+
+
+class _ReadoutsUpdate:
+    """``update(hierarchy)`` for ``Writer.replace``: qpcell's measurements on the image's
+    area annotations and its hotspot annotations (:mod:`qpcell.io.qupath_readouts`)."""
+
+    def __init__(self, det: Detections, mpp: float | None, rule, hotspots: list[dict]):
+        from qpcell.io.qupath_readouts import ReadoutsWritten
+
+        self.det, self.mpp, self.rule, self.hotspots = det, mpp, rule, hotspots
+        self.written = ReadoutsWritten()
+
+    def __call__(self, hierarchy: Any) -> None:
+        from qpcell.io.qupath_readouts import write_annotation_readouts
+
+        self.written = write_annotation_readouts(
+            hierarchy, self.det.xy, self.det.labels, [c.name for c in self.det.classes],
+            mpp=self.mpp, rule=self.rule, hotspots=self.hotspots)
+
+
+def _readouts_update(det: Detections, m: Match, rule, index: Mapping) -> _ReadoutsUpdate:
+    """The pixel size: the project's, else the prediction's, else what ``qpcell predict``
+    recorded in ``predictions.json``."""
+    from qpcell.io.qupath_readouts import read_hotspot_features
+
+    entry = (index.get("images") or {}).get(m.prediction.name.rsplit(".", 1)[0]) or {}
+    mpp = m.image.mpp or det.mpp or entry.get("mpp")
+    return _ReadoutsUpdate(det, float(mpp) if mpp else None, rule,
+                           read_hotspot_features(m.prediction))
 
 
 def rgb_hex(color: RGB) -> str:

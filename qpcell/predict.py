@@ -29,7 +29,9 @@ the image is complete (CSV, overlay, then GeoJSON): an interrupted re-run keeps 
 result whole. Every file is written atomically. The CSV and GeoJSON are streamed, tile by tile,
 into their temporary files, so the cells of a slide are never all held in memory.
 ``predictions.json`` (model, classes, pixel sizes, counts per image) is rewritten after each
-image.
+image. The read-outs per image and region (:mod:`qpcell.io.readouts`: ``summary.csv``,
+``<stem>.measurements.tsv``, ``<stem>.report.png``, ``<stem>.hotspots.json``) are written
+before the GeoJSON marker.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from qpcell.io.outputs import (
     write_overlay,
 )
 from qpcell.io.project import ANNOTATION_SUFFIX, read_project, scan_images, split_image_name
+from qpcell.io.readouts import SUMMARY_CSV, ReadoutOptions, image_readouts, write_summary_csv
 from qpcell.io.slides import Slide, open_slide, to_full_res
 from qpcell.points import CellClass, Detections
 from qpcell.prediction_reuse import predictor_fingerprint, reusable, stamp
@@ -539,6 +542,7 @@ class ImageResult:
     tiles: int = 0
     outputs: dict[str, Path] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    readouts: dict = field(default_factory=dict)  # the "readouts" of predictions.json
 
     @property
     def n_cells(self) -> int:
@@ -690,9 +694,12 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
                       overwrite: bool = False, tile_size: int = 512, batch_size: int = 4,
                       halo: int | None = None, tissue: bool = True, workers: int | None = None,
                       overlay_max_pixels: int | None = None,
-                      on_event: Callable[[PredictEvent], None] | None = None
-                      ) -> list[ImageResult]:
+                      on_event: Callable[[PredictEvent], None] | None = None,
+                      readouts: ReadoutOptions | None = None) -> list[ImageResult]:
     """Predict every job into ``out`` (see "The output folder" in the module notes).
+
+    ``readouts`` (default: counts per region, a report, no hotspots) adds the figures of
+    :mod:`qpcell.io.readouts`: ``summary.csv``, ``<stem>.report.png``, hotspots.
 
     Raises
     ------
@@ -703,6 +710,8 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
     out = Path(out)
     summary = start_summary(out, jobs, predictor, overwrite)
     summary_path = out / SUMMARY_FILE
+    readouts = readouts or ReadoutOptions()
+    summary["readouts"] = readouts.to_json()
     limit = OVERLAY_MAX_PIXELS if overlay_max_pixels is None else overlay_max_pixels
     emit = on_event or (lambda event: None)
     results: list[ImageResult] = []
@@ -717,6 +726,7 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
                 counts = _counts_of_geojson(paths["geojson"], predictor.classes)
             res = ImageResult(job.name, job.image, counts, skipped=True,
                               mpp=(entry or {}).get("mpp"),
+                              readouts=(entry or {}).get("readouts") or {},
                               outputs={k: p for k, p in paths.items() if p.is_file()})
             results.append(res)
             emit(PredictEvent("skip", job.name, index, len(jobs), result=res))
@@ -735,6 +745,8 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
             small = slide.width * slide.height <= limit
             counts = np.zeros(len(predictor.classes), dtype=np.int64)
             kept: list[Detections] = []
+            cells_xy: list[np.ndarray] = []  # centres and classes only, for the read-outs
+            cells_class: list[np.ndarray] = []
             with contextlib.ExitStack() as files:  # exits in reverse: the GeoJSON goes last
                 geojson = files.enter_context(atomic_open(paths["geojson"], "w",
                                                           encoding="utf-8"))
@@ -748,6 +760,8 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
                 for cells in tiles:
                     writer.add(cells)
                     counts += np.bincount(cells.labels, minlength=len(counts))
+                    cells_xy.append(cells.xy.astype(np.float32))
+                    cells_class.append(cells.labels.astype(np.int16))
                     if small:
                         kept.append(cells)
                 writer.close()
@@ -760,24 +774,29 @@ def predict_to_folder(jobs: Sequence[PredictionJob], predictor: Predictor, out: 
                     paths["overlay"].unlink(missing_ok=True)
                     warns.append(f"no overlay: the image has {slide.width}x{slide.height} px "
                                  f"(overlays only up to {limit:,} px)")
+                figures = image_readouts(out, job, slide, predictor.classes, cells_xy,
+                                         cells_class, readouts, written)
+                warns += figures.pop("warnings")
             written["geojson"] = paths["geojson"]
             counts_by_name = {c.name: int(k) for c, k in zip(predictor.classes, counts,
                                                               strict=True)}
             res = ImageResult(job.name, job.image, counts_by_name, mpp=slide.mpp,
                               seconds=time.perf_counter() - t0, tiles=len(plan),
-                              outputs=written, warnings=warns)
+                              outputs=written, warnings=warns, readouts=figures)
             summary["images"][job.name] = {
                 "image": str(job.image), "mpp": slide.mpp, "mpp_source": slide.mpp_source,
                 "size": [slide.width, slide.height], "regions": job.regions is not None,
                 "tiles": len(plan), "tiles_total": plan.n_total, "n_cells": res.n_cells,
                 "counts": res.counts, "seconds": round(res.seconds, 3),
                 "outputs": {k: p.name for k, p in written.items()}, "warnings": warns,
-                **stamp(job.image, model_sha)}
+                "readouts": figures, **stamp(job.image, model_sha)}
         write_json(summary_path, summary)
+        write_summary_csv(out / SUMMARY_CSV, summary["images"])
         results.append(res)
         emit(PredictEvent("done", job.name, index, len(jobs), len(plan), len(plan), res))
     if not summary_path.is_file():
         write_json(summary_path, summary)
+        write_summary_csv(out / SUMMARY_CSV, summary["images"])
     return results
 
 

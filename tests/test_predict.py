@@ -257,8 +257,9 @@ def test_output_folder_formats(images, tmp_path):
     out = tmp_path / "out"
     results = predict_to_folder(images, predictor(), out, tile_size=256)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"img{i}.{ext}" for i in (0, 1) for ext in ("geojson", "csv", "overlay.png")]
-        + ["predictions.json"])
+        [f"img{i}.{ext}" for i in (0, 1)
+         for ext in ("geojson", "csv", "overlay.png", "report.png", "measurements.tsv")]
+        + ["predictions.json", "summary.csv"])
     with open_slide(images[0].image) as s:
         direct = predict_slide(s, fake_maps, fake_post(), mpp=None, tile_size=256,
                                reach_px=CFG.reach_px)
@@ -422,7 +423,8 @@ def test_interrupted_run_leaves_no_half_written_file(images, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="simulated"):
         predict_to_folder(images, predictor(maps), out, tile_size=256)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["img0.csv", "img0.geojson", "img0.overlay.png", "predictions.json"]
+    assert names == ["img0.csv", "img0.geojson", "img0.measurements.tsv", "img0.overlay.png",
+                     "img0.report.png", "predictions.json", "summary.csv"]
     assert list(json.loads((out / "predictions.json").read_text())["images"]) == ["img0"]
     # a crash while the GeoJSON is being written: no GeoJSON, no temporary file
     import qpcell.predict as pr

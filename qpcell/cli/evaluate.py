@@ -242,6 +242,41 @@ _HELP = (
 )
 
 
+def _count_agreement(pairs, names, stems, regions, positive, negative):
+    """Per-image counts and positive % of predictions vs truth (:mod:`qpcell.readouts`)."""
+    from qpcell.readouts import count_agreement, positive_rule
+
+    rule = positive_rule(names, positive, negative)
+    return count_agreement([(p.xy, p.labels, t.xy, t.labels) for p, t in pairs], names,
+                           stems, regions=regions, rule=rule)
+
+
+def _agreement_table(agreement) -> Table:
+    """Per-image count agreement: MAE, bias, limits of agreement, Pearson r."""
+    table = Table(title=f"Counts per image, predicted vs true ({len(agreement.images)} images)",
+                  title_justify="left")
+    for col in ("per image", "true", "pred", "MAE", "bias", "95% limits", "r"):
+        table.add_column(col, justify="left" if col == "per image" else "right",
+                         no_wrap=col != "per image")
+
+    def add(label, a, digits):
+        if not a.n:
+            table.add_row(label, *("-" for _ in range(6)))
+            return
+        loa = "-" if a.loa is None else f"{a.loa[0]:+.{digits}f}..{a.loa[1]:+.{digits}f}"
+        table.add_row(label, f"{a.true.mean():.{digits}f}", f"{a.pred.mean():.{digits}f}",
+                      f"{a.mae:.{digits}f}", f"{a.bias:+.{digits}f}", loa,
+                      "-" if a.r is None else f"{a.r:.3f}")
+
+    for name, a in agreement.counts.items():
+        add(f"{escape(name)} cells", a, 1)
+    if agreement.positive is not None:
+        add("positive %", agreement.positive, 2)
+        table.caption = (f"true, pred: means over the images; positive % = "
+                         f"{escape(agreement.rule.describe())}, errors in points")
+    return table
+
+
 @app.command("evaluate", help=_HELP)
 def evaluate_command(
     pred: Annotated[Path, typer.Argument(
@@ -276,6 +311,14 @@ def evaluate_command(
     read_gt: Annotated[str, typer.Option(
         "--read-gt", help="Which objects of the ground-truth files are cells (as "
         "--read-pred).")] = "auto",
+    positive_classes: Annotated[str | None, typer.Option(
+        "--positive-classes", help="Classes counted positive (comma-separated): compares "
+        "the per-image positive % (e.g. the Ki67 index) of predictions and truth.")] = None,
+    negative_classes: Annotated[str | None, typer.Option(
+        "--negative-classes", help="Classes counted negative (default: all others).")] = None,
+    counts_png: Annotated[Path | None, typer.Option(
+        "--counts-png", help="Plot per-image predicted vs true counts (and positive %, with "
+        "a Bland-Altman plot) to this PNG.")] = None,
 ) -> None:
     """``qpcell evaluate``: see ``_HELP``."""
     unit = _unit(radius_unit)
@@ -387,6 +430,19 @@ def evaluate_command(
     for table in render_report(rep, pixel):
         console.print(table)
 
+    agreement = _count_agreement(pairs, names, stems, regions, positive_classes,
+                                 negative_classes)
+    console.print(_agreement_table(agreement))
+    if counts_png is not None:
+        from qpcell.report import plot_count_agreement
+
+        plot_count_agreement(agreement, counts_png,
+                             title=f"{pred.name} vs {gt.name}: per-image counts",
+                             class_colors={n: gt_side.colors.get(n) or pred_side.colors.get(n)
+                                           for n in names})
+        console.print(f"count agreement plot: {escape(str(counts_png))}", highlight=False,
+                      soft_wrap=True)
+
     reports: list[Report] = []
     if radii_sweep:
         reports = radius_sweep(pairs, names, [r * to_px for r in radii_sweep],
@@ -416,6 +472,7 @@ def evaluate_command(
             "notes": notes,
             "qpcell_version": __version__,
         })
+        data["counts"] = agreement.to_dict()
         if reports:
             data["radius_sweep"] = [
                 dict(r.to_dict(), radius_um=r.radius * pixel if pixel is not None else None)

@@ -27,7 +27,7 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
                    workers: int | None = None, show: bool = True,
                    region_geoms: list | None = None, jobs: list | None = None,
                    cluster: ClusterArgs | None = None, backend: str = "fast",
-                   postprocess: str = "auto") -> list:
+                   postprocess: str = "auto", readouts=None) -> list:
     """Load ``model``, predict every image of ``source`` into ``out``, show progress.
 
     ``region_geoms`` (shapely, full-resolution px) limits every image to those regions;
@@ -37,7 +37,8 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
     free memory of a CUDA device (else 4). ``cluster`` runs the
     images on Dask (:mod:`qpcell.cohort`) instead of in this process:
     images that fail there are listed, the others written, and a :class:`QpcellError`
-    summarising the failures is raised at the end.
+    summarising the failures is raised at the end. ``readouts``
+    (``qpcell.io.readouts.ReadoutOptions``) sets the positive classes and hotspots.
     """
     from qpcell.checkpoint import load_model
     from qpcell.device import describe
@@ -91,7 +92,8 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
 
         results = predict_to_folder(jobs, predictor, out, overwrite=overwrite,
                                     tile_size=tile_size, batch_size=batch_size, tissue=tissue,
-                                    workers=workers, on_event=on_event)
+                                    workers=workers, on_event=on_event,
+                                    readouts=readouts)
     if show:
         _print_table(out, bundle.classes, results)
     return results
@@ -105,15 +107,38 @@ def _print_table(out: Path, classes, items: list) -> None:
     for n in names:
         table.add_column(n, justify="right")
     table.add_column("total", justify="right")
+    figures = [_whole_image_figures(getattr(r, "readouts", None)) for r in items]
+    extra = [k for k in ("cells/mm²", "positive %", "hotspot %") if any(k in f for f in figures)]
+    for k in extra:
+        table.add_column(k, justify="right")
     table.add_column("status", style="dim")
-    for r in items:
+    for r, fig in zip(items, figures, strict=True):
         if not hasattr(r, "counts"):
-            table.add_row(escape(r.name), *("-" for _ in names), "-",
+            table.add_row(escape(r.name), *("-" for _ in names), "-", *("-" for _ in extra),
                           f"[red]failed:[/] {escape(str(r.error))}")
             continue
         table.add_row(escape(r.name), *(str(r.counts.get(n, 0)) for n in names), str(r.n_cells),
+                      *(fig.get(k, "-") for k in extra),
                       "skipped (exists)" if r.skipped else f"{r.seconds:.1f}s")
     console.print(table)
+    if (out / "summary.csv").is_file():
+        console.print(f"per region: {out / 'summary.csv'}", style="dim", highlight=False)
+
+
+def _whole_image_figures(readouts: dict | None) -> dict[str, str]:
+    """The whole-image density, positive % and hotspot % of a ``readouts`` entry."""
+    out: dict[str, str] = {}
+    regions = (readouts or {}).get("regions") or []
+    if regions:
+        m = regions[0].get("measurements", {})
+        if "qpcell: cells per mm^2" in m:
+            out["cells/mm²"] = f"{m['qpcell: cells per mm^2']:,.0f}"
+        if regions[0].get("positive_percent") is not None:
+            out["positive %"] = f"{regions[0]['positive_percent']:.1f}"
+    for h in (readouts or {}).get("hotspots") or []:
+        if h.get("kind") == "positive" and h.get("positive_percent") is not None:
+            out["hotspot %"] = f"{h['positive_percent']:.1f}"
+    return out
 
 
 def _remove_leftovers(out: Path, jobs: list) -> None:
@@ -247,8 +272,27 @@ def predict_command(
     retries: int = typer.Option(1, help="On Dask: extra attempts of a failed image.", min=0),
     block_tiles: int = typer.Option(256, help="On Dask: slides with more tiles are split "
                                     "into blocks of this many tiles.", min=1),
+    positive_classes: str | None = typer.Option(None, help="Classes counted positive, "
+                                                "comma-separated (e.g. Ki67-positive): adds "
+                                                "the positive % per region."),
+    negative_classes: str | None = typer.Option(None, help="Classes counted negative "
+                                                "(default: every class not positive)."),
+    hotspot_mm2: float | None = typer.Option(None, help="Find hotspots: circles of this "
+                                             "area in mm² (px² without a pixel size) with "
+                                             "the highest positive % and density.",
+                                             min=0.0),
+    hotspot_min_cells: int = typer.Option(500, help="Positive + negative cells a positive "
+                                          "% hotspot must hold.", min=1),
+    report: bool = typer.Option(True, help="Write <image>.report.png (regions, hotspots, "
+                                "density maps, figures)."),
 ) -> None:
-    """Detect and classify cells; write QuPath GeoJSON, CSV and overlay PNGs."""
+    """Detect and classify cells; write QuPath GeoJSON, CSV and overlay PNGs.
+
+    Per image and region (each annotation it ran in) it also counts the cells of each
+    class, their share and density, and with --positive-classes (against
+    --negative-classes or all others) the positive %
+    (e.g. the Ki67 index): summary.csv, <image>.report.png and predictions.json.
+    """
     region_geoms = None
     if regions_file is not None:
         from qpcell.io.geojson import read_geojson
@@ -264,7 +308,26 @@ def predict_command(
     if dask_workers is not None or scheduler is not None:
         cluster = ClusterArgs(dask_workers, scheduler, threads_per_worker, torch_threads,
                               retries, block_tiles)
+    readouts = readout_options(model, positive_classes, negative_classes, hotspot_mm2,
+                               hotspot_min_cells, report)
     run_prediction(model, source, out, regions=regions, device=device, batch_size=batch_size,
                    tile_size=tile_size, mpp=mpp, overwrite=overwrite, tissue=tissue,
                    workers=workers, region_geoms=region_geoms, cluster=cluster,
-                   backend=backend, postprocess=postprocess)
+                   backend=backend, postprocess=postprocess, readouts=readouts)
+
+
+def readout_options(model: Path, positive: str | None, negative: str | None,
+                    hotspot_mm2: float | None, min_cells: int, report: bool):
+    """``ReadoutOptions`` from the command line, class names checked against the model."""
+    from qpcell.io.readouts import ReadoutOptions
+    from qpcell.readouts import positive_rule
+
+    rule = None
+    if positive or negative:
+        from qpcell.checkpoint import classes_from_meta, read_config
+
+        names = [c.name for c in classes_from_meta(read_config(model)["classes"])]
+        rule = positive_rule(names, positive, negative)
+    if hotspot_mm2 is not None and hotspot_mm2 <= 0:
+        raise QpcellError(f"--hotspot-mm2 {hotspot_mm2} must be positive")
+    return ReadoutOptions(rule, hotspot_mm2, min_cells, report)

@@ -54,6 +54,12 @@ def print_annotate_report(report: AnnotateReport) -> None:
                             ("added" if not report.dry_run else "will be added")
                             if c.name in new else "yes")
         console.print(classes)
+    measured = [r for r in report.results if r.measured or r.hotspots]
+    if measured:
+        console.print("read-outs ('qpcell: Num <class>', '<class> %', 'per mm^2', 'positive "
+                      "%') on " + "; ".join(f"{r.name}: {r.measured} annotation(s)"
+                                           + (f", {r.hotspots} hotspot(s)" if r.hotspots else "")
+                                           for r in measured), highlight=False, soft_wrap=True)
     if report.backup is not None:
         console.print(f"backup of the changed image data: {escape(str(report.backup))}",
                       highlight=False)
@@ -65,26 +71,30 @@ def print_annotate_report(report: AnnotateReport) -> None:
 
 def run_annotate_back(predictions: Path, project: Path, *, images: list[str] | None = None,
                       dry_run: bool = False, shape: str = "circle", radius_um: float = 4.0,
-                      image_root: list[str] | None = None) -> AnnotateReport:
+                      image_root: list[str] | None = None,
+                      positive_classes: str | None = None,
+                      negative_classes: str | None = None) -> AnnotateReport:
     """Write a folder of predictions into ``project`` and print what happened.
 
     This is what ``annotate-back`` runs; a command that predicts first (``--model``) calls
     it with its output folder.
     """
     report = annotate_back(predictions, project, images=images, dry_run=dry_run, shape=shape,
-                           radius_um=radius_um, image_root=image_root or None)
+                           radius_um=radius_um, image_root=image_root or None,
+                           positive_classes=positive_classes, negative_classes=negative_classes)
     print_annotate_report(report)
     return report
 
 
 def predict_project(model: Path, project: Path, out: Path, *, images: list[str] | None,
                     image_root: list[str] | None, device: str | None, overwrite: bool,
-                    mpp: float | None = None) -> None:
+                    mpp: float | None = None, positive_classes: str | None = None,
+                    negative_classes: str | None = None) -> None:
     """Run ``model`` on every image of a QuPath project (read without Java) into ``out``.
 
     ``mpp`` (µm/px) replaces the pixel size the project records for every image.
     """
-    from qpcell.cli.predict import run_prediction
+    from qpcell.cli.predict import readout_options, run_prediction
     from qpcell.errors import QpcellError
     from qpcell.io.qupath_project import image_stem, read_project_info, select_images
     from qpcell.predict import PredictionJob
@@ -97,7 +107,9 @@ def predict_project(model: Path, project: Path, out: Path, *, images: list[str] 
                           f"{' ...' if len(missing) > 5 else ''} (use --image-root OLD=NEW)",
                           project)
     jobs = [PredictionJob(image_stem(e.name), e.path, None, mpp or e.mpp) for e in entries]
-    run_prediction(model, project, out, device=device, overwrite=overwrite, jobs=jobs)
+    readouts = readout_options(model, positive_classes, negative_classes, None, 500, True)
+    run_prediction(model, project, out, device=device, overwrite=overwrite, jobs=jobs,
+                   readouts=readouts)
 
 
 @app.command("annotate-back")
@@ -131,13 +143,22 @@ def annotate_back_command(
         "--radius-um", help="Circle radius in µm.")] = 4.0,
     image_root: Annotated[list[str] | None, typer.Option(
         "--image-root", help="OLD=NEW prefix to remap moved images (repeatable).")] = None,
+    positive_classes: Annotated[str | None, typer.Option(
+        "--positive-classes", help="Classes counted positive for 'qpcell: positive %' "
+        "(comma-separated; default: those given to qpcell predict).")] = None,
+    negative_classes: Annotated[str | None, typer.Option(
+        "--negative-classes", help="Classes counted negative (default: all others).")] = None,
 ) -> None:
     """Write detected cells into a QuPath project as classified detections.
 
     Each cell becomes a detection with its class, the class colour and the
     measurements 'qpcell: score' and 'qpcell: p(<class>)', placed inside the
     annotation that contains it. A rerun replaces qpcell's earlier detections
-    on that image and nothing else. The image data is backed up to
+    on that image and nothing else. Every area annotation gets the read-outs
+    'qpcell: Num <class>', 'qpcell: <class> %', 'qpcell: <class> per mm^2' and,
+    with positive classes, 'qpcell: positive %' (its own measurements stay);
+    hotspots found by qpcell predict --hotspot-mm2 become annotations classified
+    'qpcell hotspot'. The image data is backed up to
     <project>/qpcell-backups/ first. Needs QuPath (found through paquo);
     without it, run groovy/qpcell-detect.groovy inside QuPath instead.
     """
@@ -155,10 +176,12 @@ def annotate_back_command(
         folder = project if project.is_dir() else project.parent
         predictions = out or folder / "qpcell" / "predictions"
         predict_project(model, project, predictions, images=split_names(images),
-                        image_root=image_root, device=device, overwrite=overwrite, mpp=mpp)
+                        image_root=image_root, device=device, overwrite=overwrite, mpp=mpp,
+                        positive_classes=positive_classes, negative_classes=negative_classes)
     elif len(paths) != 2:
         raise QpcellError("give PREDICTIONS and PROJECT (or --model MODEL and PROJECT)")
     else:
         predictions, project = paths
     run_annotate_back(predictions, project, images=split_names(images), dry_run=dry_run,
-                      shape=shape, radius_um=radius_um, image_root=image_root)
+                      shape=shape, radius_um=radius_um, image_root=image_root,
+                      positive_classes=positive_classes, negative_classes=negative_classes)

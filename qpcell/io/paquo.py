@@ -400,8 +400,10 @@ class PaquoWriter:
     def detections(self, entry_id: str, score_key: str) -> tuple[list[Any], list[dict]]:
         return existing_detection_stubs(self.entry(entry_id).hierarchy, score_key)
 
-    def replace(self, entry_id: str, remove: Sequence[Any], add: list[dict]) -> None:
-        """Replace ``remove`` by ``add`` and save the image's data.
+    def replace(self, entry_id: str, remove: Sequence[Any], add: list[dict],
+                update: Callable[[Any], Any] | None = None) -> None:
+        """Replace ``remove`` by ``add``, then ``update(hierarchy)`` (e.g. annotation
+        read-outs), and save the image's data once.
 
         Raises
         ------
@@ -414,4 +416,6 @@ class PaquoWriter:
             raise QpcellError(f"image {entry.image_name!r}: its file is not at {entry.uri}, "
                               "so QuPath would not save its objects")
         replace_in_hierarchy(entry.hierarchy, remove, add)
+        if update is not None:
+            update(entry.hierarchy)
         entry.save()
