@@ -28,7 +28,7 @@ RUN_FILES = ("config.json", "weights.safetensors", "resume.pt", "train_log.txt")
 #: Sub-folders a run writes: pipeline parts, MTL-IHC's prior model, kept epochs.
 RUN_FOLDERS = ("detection", "classification", "prior", "epochs")
 #: Files of an earlier run that ``overwrite`` removes before training (the new run replaces
-#: the model itself when it saves its first epoch).
+#: the model itself when it writes its model).
 STALE_FILES = ("resume.pt", "train_log.txt")
 _EPOCH_DIR = re.compile(r"^epoch-\d+$")
 
@@ -49,7 +49,7 @@ def prepare_model_folder(out: str | Path, *, resume: bool = False,
 
     A new or empty folder is fine. A folder holding a model (or an interrupted run) needs
     ``resume`` (continue it) or ``overwrite`` (replace it: the old resume state, log and
-    kept epochs are removed now, the model files when the new run saves its first epoch).
+    kept epochs are removed now, the model files when the new run writes its model).
     A folder holding anything else is never written into.
 
     Raises
