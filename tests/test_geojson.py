@@ -519,8 +519,9 @@ def test_source_choice() -> None:
     assert to_annotated_image(objs, "x").counts() == {"A": 1}
     assert to_annotated_image(objs, "x", source="detections").counts() == {"B": 1}
     assert to_annotated_image(objs, "x", source="points").counts() == {"A": 1}
-    with pytest.raises(QpcellError, match="source"):
-        to_annotated_image(objs, "x", source="cells")
+    assert to_annotated_image(objs, "x", source="cells").counts() == {}  # no cell objects
+    with pytest.raises(QpcellError, match="what to read"):
+        to_annotated_image(objs, "x", source="bogus")
 
 
 def test_regions_and_metadata() -> None:
