@@ -253,3 +253,24 @@ def test_tiles_read_by_several_threads_are_the_tiles_read_by_one(tmp_path):
     assert len(one) == -(-len(plan) // 5) > 4
     for a, b in zip(one, four, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_postprocess_benchmark_times_both_paths_on_endonuke(endonuke, tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "postprocess_device.py"
+    spec = importlib.util.spec_from_file_location("bench_postprocess_device", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--step", "12", "--repeats", "1", "--json",
+                             str(tmp_path / "pp.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert result["tiles"] == 8 and result["cells"] > 300
+    assert result["agreement_f1_2px"] >= 0.995 and result["agreement_same_class"] >= 0.995
+    ms = result["ms_per_tile_process_cpu"]
+    assert result["cpu_vs_device_process_cpu"] == pytest.approx(ms["cpu"] / ms["device"],
+                                                                rel=0.05)
