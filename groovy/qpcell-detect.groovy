@@ -64,7 +64,7 @@ if (!modelDir.exists())
     throw new RuntimeException("qpcell: no model at " + modelDir + " (run qpcell-train.groovy or set MODEL)")
 
 // qpcell's own hotspot circles are never regions
-def regions = chooseRegions(REGIONS).findAll { !(it.getPathClass() != null && it.getPathClass().toString() == HOTSPOT_CLASS) }
+def regions = chooseRegions(REGIONS).findAll { !isHotspot(it) }
 def name = getProjectEntry() != null ? getProjectEntry().getImageName() : server.getMetadata().getName()
 println "qpcell: " + name + ": " + (regions ? regions.size() + " annotation(s)" : "the whole image")
 
@@ -115,7 +115,7 @@ try {
     }
     def hotspots = new File(outDir, stem + ".hotspots.json")
     if (hotspots.isFile()) {
-        removeObjects(getAnnotationObjects().findAll { it.getPathClass() != null && it.getPathClass().toString() == HOTSPOT_CLASS }, true)
+        removeObjects(getAnnotationObjects().findAll { isHotspot(it) }, true)
         importObjectsFromFile(hotspots.getPath())
         println "qpcell: " + name + ": hotspot annotation(s) added (class \"" + HOTSPOT_CLASS + "\")"
     }
@@ -174,6 +174,16 @@ int putMeasurements(File table, List regions) {
         ml.close()
     }
     return byRegion.size()
+}
+
+/** qpcell's hotspot annotations (class "qpcell hotspot"). */
+boolean isHotspot(obj) {
+    try {
+        def pc = obj.getPathClass()
+        return pc != null && pc.toString() == HOTSPOT_CLASS
+    } catch (MissingMethodException ignored) {
+        return false
+    }
 }
 
 boolean isQpcell(obj) {
