@@ -309,7 +309,7 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
     runs = {r["dataset"]: r for r in result["runs"]}
     assert set(runs) == {"endonuke", "endonuke-x2"}
     for run in runs.values():
-        assert run["train_seconds"] < 0.15 * 60 * 1.5 + 5  # the budget held (plus loading)
+        assert run["train_seconds"] < 0.15 * 60 * 2 + 20  # the budget held (plus loading)
         assert run["overrides"] == ["patch.class_balance=0"]
         assert 0.0 <= run["scores"]["detection_f1"] <= 1.0
         assert run["source_mpp"]["how"] == "estimated"

@@ -444,12 +444,12 @@ def test_ctrl_c_in_demo_does_not_suggest_resume(cli, tmp_path, monkeypatch):
     """Ctrl-C arrives during the first training batch (injected where the key press lands)."""
     from qpcell.cli.train import RichCallbacks
 
-    def press(self, epoch, step, loss):
+    def press(self, epoch, step, loss, progress=None, seconds_left=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(RichCallbacks, "on_batch", press)
     code, _, stderr = cli("demo", "--out", tmp_path / "demo", "--train-images", "2",
-                          "--test-images", "1", "--base", "4", "--epochs", "2", "--device",
+                          "--test-images", "1", "--base", "4", "--minutes", "0.2", "--device",
                           "cpu")
     assert code == 130, stderr
     assert "--resume" not in stderr and "error" not in stderr

@@ -76,6 +76,26 @@ def make_project(root: Path, images, *, points: bool = True) -> Path:
     return root / "project.qpproj"
 
 
+def is_hotspot(feature: dict) -> bool:
+    """A hotspot annotation qpcell's read-outs added (issue 15), not the user's."""
+    cls = (feature.get("properties") or {}).get("classification") or {}
+    return cls.get("name") == "qpcell hotspot"
+
+
+def users_part(feature: dict) -> dict:
+    """The feature without the ``qpcell: ...`` read-out measurements qpcell puts on area
+    annotations (issue 15): what the user made must stay exactly as it was."""
+    props = dict(feature.get("properties") or {})
+    meas = {k: v for k, v in (props.get("measurements") or {}).items()
+            if not k.startswith("qpcell: ")}
+    if meas:
+        props["measurements"] = meas
+    else:
+        props.pop("measurements", None)
+    return {**feature, "properties": props}
+
+
+
 def read_objects(qpproj: Path) -> list[dict]:
     """Per image: its annotations (GeoJSON), qpcell's cells and the other detections."""
     from paquo.projects import QuPathProject
@@ -86,7 +106,8 @@ def read_objects(qpproj: Path) -> list[dict]:
     with QuPathProject(qpproj, mode="r") as qp:
         for entry in qp.images:
             h = entry.hierarchy
-            annotations = sorted(json.dumps(f, sort_keys=True) for f in h.to_geojson())
+            annotations = sorted(json.dumps(users_part(f), sort_keys=True)
+                                 for f in h.to_geojson() if not is_hotspot(f))
             ours, others = [], []
             for d in h.detections:
                 if QPCELL_SCORE in d.measurements:

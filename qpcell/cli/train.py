@@ -259,6 +259,8 @@ def train_command(
                                            rotate90=rotate90, colour_jitter=colour_jitter,
                                            rare_repeats=rare_repeats))
     mask_cfg = replace(rec.mask, **given(disc_radius_px=disc_radius))
+    if stride is None and patch_cfg.stride > patch_cfg.size:  # a smaller --patch-size alone
+        patch_cfg = replace(patch_cfg, stride=patch_cfg.size)
     if patch_cfg.size % 16 or patch_cfg.size < 32:
         raise QpcellError(f"--patch-size {patch_cfg.size} must be a multiple of 16, at least 32")
     if not 0 < patch_cfg.stride <= patch_cfg.size:
