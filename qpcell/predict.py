@@ -391,24 +391,24 @@ def _iter_batch_cells(slide: Slide, plan: TilePlan, batch_cells: BatchCellsFn,
     stop = threading.Event()
     pending: deque[tuple[Future, int]] = deque()
     done = 0
+
+    def collect(all_: bool) -> Iterator[Detections]:
+        """The cells of finished batches (of every batch when ``all_``), in order."""
+        nonlocal done
+        while pending and (all_ or len(pending) > 1 or pending[0][0].done()):
+            fut, n = pending.popleft()
+            cells = fut.result()
+            done += n
+            if progress:
+                progress(done, len(plan))
+            yield from (finish(c) for c in cells)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qpcell-batch") as pool:
         try:
             for tiles, cores in _read_batches(slide, plan, batch_size, stop, readers):
                 pending.append((pool.submit(batch_cells, tiles, cores, plan), len(cores)))
-                while pending and (len(pending) > 1 or pending[0][0].done()):
-                    fut, n = pending.popleft()
-                    cells = fut.result()
-                    done += n
-                    if progress:
-                        progress(done, len(plan))
-                    yield from (finish(c) for c in cells)
-            while pending:
-                fut, n = pending.popleft()
-                cells = fut.result()
-                done += n
-                if progress:
-                    progress(done, len(plan))
-                yield from (finish(c) for c in cells)
+                yield from collect(False)
+            yield from collect(True)
         except BaseException:
             stop.set()
             for fut, _ in pending:
