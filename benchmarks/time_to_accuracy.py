@@ -140,8 +140,12 @@ def with_overrides(rec, overrides: Sequence[str]):
 
 def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: Path, *,
             device: str | None = None, base: int | None = None,
-            overrides: Sequence[str] = (), model: str = "s-drdin") -> dict:
-    """Train with a time budget as ``qpcell train`` does, predict the test images, score."""
+            overrides: Sequence[str] = (), model: str = "s-drdin", init: str | None = None
+            ) -> dict:
+    """Train with a time budget as ``qpcell train`` does, predict the test images, score.
+
+    ``init`` is the starting weights (``builtin``, ``none`` or a model folder; default: the
+    recipe's, as ``qpcell train`` chooses them)."""
     from qpcell.checkpoint import load_model
     from qpcell.config import PAPER_MPP
     from qpcell.io.slides import open_slide
@@ -154,16 +158,18 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     source_mpp, info = estimate_source_mpp(split.trainval, PAPER_MPP, None)
     # The matching radius at the model's scale: the same distance in the tissue as at test.
     model_px = split.radius_px * (source_mpp / PAPER_MPP if source_mpp else 1.0)
-    out = workdir / f"{split.name}-{model}-{recipe_name}-{minutes:g}min-seed{seed}"
     kwargs = dict(rec.model_kwargs)
     if base:
         kwargs["base"] = base
+    init = init or ("none" if base else rec.init)
+    tag = "" if init == "none" else f"-init-{Path(init).name}"
+    out = workdir / f"{split.name}-{model}-{recipe_name}-{minutes:g}min-seed{seed}{tag}"
     t0 = time.perf_counter()
     result = train(split.trainval, split.classes, out, model_name=model,
                    model_kwargs=kwargs, model_mpp=PAPER_MPP,
                    train_cfg=replace(rec.train, seed=seed, time_budget_s=minutes * 60),
                    mask_cfg=rec.mask, patch_cfg=rec.patch, post_cfg=rec.post,
-                   match_radius_px=model_px,
+                   match_radius_px=model_px, init=init,
                    device=device)
     train_s = time.perf_counter() - t0
     bundle = load_model(out, device=device)
@@ -178,8 +184,9 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     report = score_dataset(list(zip(preds, split.test, strict=True)),
                            [c.name for c in split.classes], split.radius_px)
     setting = bundle.meta["postprocess"]
-    return {"method": f"{split.name} {minutes:g} min", "dataset": split.name,
-            "minutes": minutes, "seed": seed, "recipe": recipe_name, "model": model,
+    return {"method": f"{split.name} {minutes:g} min" + (f" from {init}" if tag else ""),
+            "dataset": split.name, "minutes": minutes, "seed": seed, "recipe": recipe_name,
+            "model": model, "init": init,
             "train_seconds": train_s, "predict_seconds": time.perf_counter() - t1,
             "rounds": len(result.history), "best_round": result.best_epoch,
             "steps": int(sum(h.steps for h in result.history)), "patches": result.n_patches,
@@ -189,7 +196,8 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
 
 
 def plot(runs: Sequence[dict], path: Path) -> None:
-    """Detection, weighted and class-aware F1 against minutes, one line per dataset."""
+    """Detection, weighted and class-aware F1 against minutes, one line per dataset and
+    starting model (mean and sample std over the seeds; n = seeds per point)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,14 +206,17 @@ def plot(runs: Sequence[dict], path: Path) -> None:
     keys = (("detection_f1", "detection F1"), ("weighted_f1", "weighted class F1"),
             ("mean_class_aware_f1", "mean class-aware F1"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    lines = dict.fromkeys((r["dataset"], r.get("init", "none")) for r in runs)
     for ax, (key, title) in zip(axes, keys, strict=True):
-        for ds in dict.fromkeys(r["dataset"] for r in runs):
-            mins = sorted({r["minutes"] for r in runs if r["dataset"] == ds})
-            vals = [[r["scores"][key] for r in runs if r["dataset"] == ds and r["minutes"] == m]
-                    for m in mins]
+        for ds, init in lines:
+            mine = [r for r in runs if r["dataset"] == ds and r.get("init", "none") == init]
+            mins = sorted({r["minutes"] for r in mine})
+            vals = [[r["scores"][key] for r in mine if r["minutes"] == m] for m in mins]
+            label = ds + ("" if init == "none" else f" from {Path(init).name}")
             ax.errorbar(mins, [np.mean(v) for v in vals],
                         yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
-                        marker="o", capsize=3, label=f"{ds} (n={len(vals[0])})")
+                        marker="o", capsize=3,
+                        label=f"{label} (n={'/'.join(str(len(v)) for v in vals)})")
         ax.set_xlabel("training budget (minutes)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -231,11 +242,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "patch.class_balance=0 or model.det_dice=0")
     p.add_argument("--base", type=int, default=None, help="network width (default: the "
                    "recipe's)")
+    p.add_argument("--init", default=None, help="starting weights: builtin, none or a model "
+                   "folder (default: the recipe's, as qpcell train)")
     p.add_argument("--workdir", type=Path, default=Path("runs/time-to-accuracy"))
     p.add_argument("--cache", type=Path, default=Path("runs/data-cache"),
                    help="where the resampled EndoNuke copies are written")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--plot-from", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="draw --plot from the runs of earlier --json files; train nothing")
     p.add_argument("--smoke", action="store_true", help="6 training and 3 test images, "
                    "a few seconds of training, narrow network: for the tests")
     return p.parse_args(argv)
@@ -247,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from qpcell.device import autocast_dtype, describe, pick_device
 
     args = parse_args(argv)
+    if args.plot_from:
+        runs = [r for f in args.plot_from for r in json.loads(f.read_text())["runs"]
+                if r["recipe"] == args.recipe]
+        plot(runs, args.plot or Path("time-to-accuracy.png"))
+        return {"runs": runs}
     root = data_root()
     minutes = [float(m) for m in args.minutes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -272,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for seed in seeds:
                 run = run_one(split, m, seed, args.recipe, args.workdir, device=args.device,
                               base=4 if args.smoke else args.base, overrides=args.set,
-                              model=args.model)
+                              model=args.model, init=args.init)
                 runs.append(run)
                 s = run["scores"]
                 print(f"{name} {m:g} min seed {seed}: detection F1 {s['detection_f1']:.3f} "

@@ -48,6 +48,7 @@ from qpcell.distributed import barrier, broadcast, default_loader_settings, setu
 from qpcell.errors import Interrupted, QpcellError
 from qpcell.io.atomic import atomic_open
 from qpcell.points import AnnotatedImage, CellClass
+from qpcell.pretrained import resolve_init, transfer_weights
 from qpcell.schedule import LR_SCHEDULES, Budget, lr_at
 from qpcell.train_guard import check_resume_state
 from qpcell.tuning import edge_notes, image_maps, tune_class_gain, tune_postprocess, validate
@@ -336,13 +337,15 @@ class Run:
     start_epoch: int = 1
     elapsed: float = 0.0  # seconds of a time budget already spent (resume)
     n_patches: int = 0
+    init: object = None  # qpcell.pretrained.Transfer when started from another model
 
 
 def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, model_name: str,
               model_kwargs: dict | None, train_cfg: TrainConfig, mask_cfg: MaskConfig,
               post_cfg: PostprocessConfig, match_radius_px: float | None, device,
-              resume: bool) -> Run:
-    """Stage 2: model, optimiser, targets and scales (restored from ``resume.pt`` if asked)."""
+              resume: bool, init: Path | None = None) -> Run:
+    """Stage 2: model, optimiser, targets and scales (restored from ``resume.pt`` if asked;
+    otherwise started from the model folder ``init`` when given, :mod:`qpcell.pretrained`)."""
     from qpcell.masks import sdrdin_targets
     from qpcell.models import create_model
 
@@ -358,7 +361,11 @@ def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, mo
     post = post_cfg.scaled(work_mpp) if model_mpp else post_cfg
     match_r = match_radius_px or MatchConfig().radius_px * scale
 
-    model = create_model(model_name, len(classes), **(model_kwargs or {})).to(ctx.device)
+    model = create_model(model_name, len(classes), **(model_kwargs or {}))
+    transfer = None
+    if init is not None and not resume:
+        transfer = transfer_weights(model, init, tuple(classes))
+    model.to(ctx.device)
     amp = autocast_dtype(ctx.device, train_cfg.precision)
     # An unknown schedule, sampling or model selection fails now, not after the first round.
     lr_at(0.0, train_cfg.lr, train_cfg.lr_schedule, train_cfg.warmup)
@@ -373,7 +380,8 @@ def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, mo
                                  weight_decay=train_cfg.weight_decay)
     run = Run(model, model, optimizer, ctx, ctx.device, amp, layout,
               getattr(model, "postprocess_kind", "sdrdin"), bool(getattr(model, "has_cls", True)),
-              target_fn, post, match_r, radius, np.random.default_rng(train_cfg.seed))
+              target_fn, post, match_r, radius, np.random.default_rng(train_cfg.seed),
+              init=transfer)
     if amp == torch.float16:
         run.scaler = torch.amp.GradScaler("cuda")
     if resume:
@@ -534,6 +542,7 @@ def model_meta(run: Run, prep: PreparedData, classes, setting: dict, epoch: int,
             "val_images": prep.split[1],
             "n_train_points": int(sum(len(d.xy) for d in prep.train_set)),
             "source_mpp": prep.source_mpp,
+            "init": run.init.meta() if run.init else None,
             "config": to_dict(train_cfg), "patch": to_dict(patch_cfg),
             "qpcell_version": __version__,
         },
@@ -695,6 +704,7 @@ def train(
     val_names: Sequence[str] | None = None,
     device: str | torch.device | None = None,
     resume: bool = False,
+    init: str | Path | None = None,
     callbacks: TrainCallbacks | None = None,
     max_steps_per_epoch: int | None = None,
     prepared: Sequence[TrainImage] | None = None,
@@ -726,6 +736,9 @@ def train(
         ``train_cfg.time_budget_s`` trains for that many seconds instead of ``epochs``.
     match_radius_px
         Validation matching radius at the model's scale; default S-DRDIN's 10 px at 0.44 µm/px.
+    init
+        Starting weights: ``"builtin"``, a model folder, or None / ``"none"`` (random); the
+        class layer is fitted to ``classes`` (:mod:`qpcell.pretrained`). Ignored on resume.
     max_steps_per_epoch
         Cap on batches per epoch (quick runs and tests).
     prepared
@@ -744,6 +757,7 @@ def train(
     if train_cfg.lr_schedule not in LR_SCHEDULES:
         lr_at(0.0, train_cfg.lr, train_cfg.lr_schedule)  # raises the one-line error
     saved_split = tuple(json.loads(read_state(out)["split"])) if resume else None
+    init_dir = resolve_init(init)
     prep = prepare_data(images, model_mpp=model_mpp, fallback_mpp=fallback_mpp,
                         train_cfg=train_cfg, val_names=val_names, prepared=prepared,
                         split=saved_split)
@@ -751,7 +765,10 @@ def train(
         callbacks.on_note(note)
     run = build_run(prep, classes, out, model_name=model_name, model_kwargs=model_kwargs,
                     train_cfg=train_cfg, mask_cfg=mask_cfg, post_cfg=post_cfg,
-                    match_radius_px=match_radius_px, device=device, resume=resume)
+                    match_radius_px=match_radius_px, device=device, resume=resume,
+                    init=init_dir)
+    if run.init is not None:
+        callbacks.on_note(run.init.note(prep.model_mpp))
     extra = (None if extra_maps is None else [extra_maps[d.name] for d in prep.train_set],
              extra_key)
     train_rounds(run, prep, classes, out, train_cfg=train_cfg, patch_cfg=patch_cfg,

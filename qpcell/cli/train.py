@@ -169,9 +169,10 @@ def train_command(
                                     "fast: 2e-3)."),
     lr_schedule: str | None = typer.Option(None, help="'constant' (S-DRDIN) or 'cosine' "
                                            "(down to 0 at the end; fast)."),
-    select_on: str = typer.Option(TrainConfig.select_on, help="Which epoch to keep: "
-                                  "'detection' (best validation detection F1) or 'combined' "
-                                  "(best mean of detection F1 and weighted classification F1)."),
+    select_on: str | None = typer.Option(None, help="Which round (epoch) to keep: "
+                                         "'detection' (best validation detection F1; paper) "
+                                         "or 'combined' (best mean of detection F1 and "
+                                         "weighted classification F1; fast)."),
     keep_epochs: bool = typer.Option(False, help="Also save every epoch's model under "
                                      "OUT/epochs/epoch-NNN."),
     seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
@@ -184,6 +185,11 @@ def train_command(
     model_mpp: str = typer.Option(str(PAPER_MPP), help="µm/px the model works at "
                                   "(S-DRDIN: 0.44), or 'native' to keep each image's scale."),
     base: int | None = typer.Option(None, help="Network width (S-DRDIN: 16)."),
+    init: str | None = typer.Option(None, help="Starting weights: 'builtin' (qpcell's IHC "
+                                    "nucleus model; the default of --recipe fast for the "
+                                    "S-DRDIN family), 'none' (random; --recipe paper and "
+                                    "other models), or a model folder. The class layer is "
+                                    "fitted to your classes."),
     val_images: str | None = typer.Option(None, help="Comma-separated image names to validate "
                                           "on (default: a seeded 30% of the images)."),
     images: str | None = typer.Option(None, help="Comma-separated image names to use."),
@@ -236,6 +242,13 @@ def train_command(
 
     prepare_model_folder(out, resume=resume, overwrite=overwrite)
     model_mpp_value = parse_mpp(model_mpp)
+    if init is not None and model == MTL:
+        raise QpcellError("--init is for the S-DRDIN family and the U-Net; mtl-ihc trains its "
+                          "own prior model")
+    if init is not None:
+        from qpcell.pretrained import resolve_init
+
+        resolve_init(init)  # a wrong folder fails before the images are read
     if recipe_name not in RECIPES:
         raise QpcellError(f"--recipe {recipe_name!r}: choose from {', '.join(RECIPES)}")
     rec = recipe(recipe_name, model)
@@ -250,10 +263,10 @@ def train_command(
     def given(**values):
         return {k: v for k, v in values.items() if v is not None}
 
-    train_cfg = replace(rec.train, seed=seed, precision=precision, select_on=select_on,
+    train_cfg = replace(rec.train, seed=seed, precision=precision,
                         keep_epochs=keep_epochs, time_budget_s=budget_s,
                         **given(epochs=epochs, batch_size=batch_size, lr=lr,
-                                lr_schedule=lr_schedule))
+                                lr_schedule=lr_schedule, select_on=select_on))
     patch_cfg = replace(rec.patch, **given(size=patch_size, stride=stride, sampling=sampling,
                                            background_fraction=background_fraction,
                                            rotate90=rotate90, colour_jitter=colour_jitter,
@@ -270,7 +283,7 @@ def train_command(
                           f"{', '.join(SAMPLINGS)}")
     if precision not in PRECISIONS:
         raise QpcellError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
-    if select_on not in SELECT_ON:
+    if train_cfg.select_on not in SELECT_ON:
         raise QpcellError(f"--select-on {select_on!r}: choose from {', '.join(SELECT_ON)}")
     if train_cfg.epochs < 1 or train_cfg.batch_size < 1:
         raise QpcellError("--epochs and --batch-size must be at least 1")
@@ -301,6 +314,9 @@ def train_command(
             kwargs["mask_cfg"] = mask_cfg
     else:
         kwargs["mask_cfg"] = mask_cfg
+        # the recipe's starting model fits its own width only; a --base of one's own starts
+        # from random weights unless --init says otherwise
+        kwargs["init"] = init if init is not None else "none" if base is not None else rec.init
         model_kwargs = dict(rec.model_kwargs)
         if base is not None:
             model_kwargs["base"] = base

@@ -170,6 +170,11 @@ class SDRDIN(nn.Module):
         Weight of a soft-Dice term added to the detection BCE (paper: 0).
     """
 
+    #: Layers a starting model must fill, and the class output layer, fitted anew when the
+    #: classes differ (:mod:`qpcell.pretrained`).
+    encoder_layers = ("encoder.",)
+    class_layers = ("cls_head.",)
+
     def __init__(self, n_classes: int, *, variant: str = "s-drdin", base: int = 16,
                  depth: int = 4, dense: list | None = None, detach_bottleneck: bool = False,
                  detach_cls_features: bool = False, det_head_convs: int = 2,

@@ -24,6 +24,10 @@ from qpcell.models.sdrdin import classification_maps
 class UNet(nn.Module):
     """Plain U-Net with a ``C + 1`` channel softmax output (see the module docstring)."""
 
+    #: Layers a starting model must fill, and the class output (:mod:`qpcell.pretrained`).
+    encoder_layers = ("down.",)
+    class_layers = ("head.",)
+
     def __init__(self, n_classes: int, *, base: int = 16, depth: int = 4,
                  batch_norm: bool = False, in_channels: int = 3) -> None:
         super().__init__()
