@@ -50,6 +50,7 @@ from pathlib import Path
 
 from qpcell.distributed import usable_cores
 from qpcell.errors import QpcellError
+from qpcell.io.readouts import SUMMARY_CSV, ReadoutOptions, image_readouts, write_summary_csv
 from qpcell.points import CellClass, Detections
 from qpcell.predict import (
     SUMMARY_FILE,
@@ -89,6 +90,8 @@ class CohortOptions:
         Slides with more tiles are split into blocks of about this many tiles.
     retries
         Extra attempts of a failed task before its image is reported as failed.
+    readouts
+        Counts per region, positive %, hotspots and the report (as ``qpcell predict``).
     """
 
     device: str | None = None
@@ -102,6 +105,7 @@ class CohortOptions:
     torch_threads: int | None = None
     block_tiles: int = DEFAULT_BLOCK_TILES
     retries: int = 1
+    readouts: ReadoutOptions = field(default_factory=ReadoutOptions)
 
 
 @dataclass
@@ -324,17 +328,15 @@ def finish_image(job: PredictionJob, out: str, info: SlideInfo, classes: tuple[C
     t0 = time.perf_counter()
     det = Detections.concatenate([b[0] for b in blocks], classes, mpp=info.mpp)
     seconds += sum(b[1] for b in blocks)
-    limit = OVERLAY_MAX_PIXELS if options.overlay_max_pixels is None else \
-        options.overlay_max_pixels
-    if info.width * info.height <= limit:
-        with _open(job) as slide:
-            return _write_outputs(job, Path(out), det, info, options, slide, t0, seconds)
-    return _write_outputs(job, Path(out), det, info, options, None, t0, seconds)
+    with _open(job) as slide:  # for the overlay of a small image and the report's thumbnail
+        slide.assume_mpp(info.mpp, info.mpp_source or "assumed")  # as the first task settled it
+        return _write_outputs(job, Path(out), det, info, options, slide, t0, seconds)
 
 
 def _write_outputs(job: PredictionJob, out: Path, det: Detections, info: SlideInfo,
                    options: CohortOptions, slide, t0: float, seconds: float) -> DoneImage:
-    """CSV, overlay (small images), then the GeoJSON marker; as predict_to_folder does."""
+    """CSV, overlay (small images), read-outs, then the GeoJSON marker; as
+    predict_to_folder does."""
     from qpcell.io.geojson import write_detections
     from qpcell.io.outputs import OVERLAY_MAX_PIXELS, write_csv, write_overlay
 
@@ -344,23 +346,27 @@ def _write_outputs(job: PredictionJob, out: Path, det: Detections, info: SlideIn
     warns = list(info.warnings)
     written = {"csv": paths["csv"]}
     write_csv(paths["csv"], det)
-    if slide is not None and info.width * info.height <= limit:
+    if info.width * info.height <= limit:
         write_overlay(paths["overlay"], slide.full_image(), det)
         written["overlay"] = paths["overlay"]
     else:
         paths["overlay"].unlink(missing_ok=True)
         warns.append(f"no overlay: the image has {info.width}x{info.height} px "
                      f"(overlays only up to {limit:,} px)")
+    figures = image_readouts(out, job, slide, det.classes, [det.xy], [det.labels],
+                             options.readouts, written)
+    warns += figures.pop("warnings")
     write_detections(paths["geojson"], det, mpp=info.mpp)
     written["geojson"] = paths["geojson"]
     seconds += time.perf_counter() - t0
     result = ImageResult(job.name, job.image, det.counts(), mpp=info.mpp, seconds=seconds,
-                         tiles=info.tiles, outputs=written, warnings=warns)
+                         tiles=info.tiles, outputs=written, warnings=warns, readouts=figures)
     entry = {"image": str(job.image), "mpp": info.mpp, "mpp_source": info.mpp_source,
              "size": [info.width, info.height], "regions": job.regions is not None,
              "tiles": info.tiles, "tiles_total": info.tiles_total, "n_cells": result.n_cells,
              "counts": result.counts, "seconds": round(seconds, 3),
-             "outputs": {k: p.name for k, p in written.items()}, "warnings": warns}
+             "outputs": {k: p.name for k, p in written.items()}, "warnings": warns,
+             "readouts": figures}
     return DoneImage(result, entry)
 
 
@@ -515,6 +521,7 @@ def predict_cohort(jobs: Sequence[PredictionJob], model: str | Path, out: str | 
         raise QpcellError(f"retries {options.retries} must be at least 0 and block tiles "
                           f"{options.block_tiles} at least 1")
     summary = start_summary(out, jobs, predictor, overwrite)
+    summary["readouts"] = options.readouts.to_json()
     summary_path = out / SUMMARY_FILE
     emit = on_event or (lambda event: None)
     n = len(jobs)
@@ -545,7 +552,8 @@ def predict_cohort(jobs: Sequence[PredictionJob], model: str | Path, out: str | 
             if counts is None:
                 counts = _counts_of_geojson(paths["geojson"], predictor.classes)
             res = ImageResult(job.name, job.image, counts, skipped=True, mpp=entry.get("mpp"),
-                              outputs={k: p for k, p in paths.items() if p.is_file()})
+                              outputs={k: p for k, p in paths.items() if p.is_file()},
+                              readouts=entry.get("readouts") or {})
             items[index] = res
             emit(CohortEvent("skip", job.name, index, n, result=res))
             continue
@@ -581,6 +589,7 @@ def predict_cohort(jobs: Sequence[PredictionJob], model: str | Path, out: str | 
             summary["images"][job.name] = {**value.entry, "image": str(job.image),
                                            **stamp(job.image, model_sha)}
             write_json(summary_path, summary)
+            write_summary_csv(out / SUMMARY_CSV, summary["images"])
             items[index] = result
             emit(CohortEvent("done", job.name, index, n, result=result))
     except BaseException:
@@ -589,6 +598,7 @@ def predict_cohort(jobs: Sequence[PredictionJob], model: str | Path, out: str | 
     finally:
         if not summary_path.is_file():
             write_json(summary_path, summary)
+            write_summary_csv(out / SUMMARY_CSV, summary["images"])
     return CohortResult([it for it in items if it is not None], time.perf_counter() - t_start)
 
 

@@ -112,13 +112,15 @@ def assert_same_cells(a: Path, b: Path) -> None:
         np.testing.assert_allclose([mx[k] for k in mx], [my[k] for k in mx], atol=1e-6)
 
 
+def csv_rows(out: Path) -> tuple[str, list[str]]:
+    """``summary.csv``: its header and its rows in any order (images finish in any order)."""
+    header, *rows = (out / "summary.csv").read_text().splitlines()
+    return header, sorted(rows)
+
+
 def summary_images(out: Path) -> dict:
     images = json.loads((out / "predictions.json").read_text())["images"]
-    drop = ("seconds", "readouts")  # the Dask path writes no read-outs yet (README)
-    readout_files = ("measurements", "report", "hotspots")
-    return {k: {f: ({o: p for o, p in v.items() if o not in readout_files}
-                    if f == "outputs" else v)
-                for f, v in e.items() if f not in drop} for k, e in images.items()}
+    return {k: {f: v for f, v in e.items() if f != "seconds"} for k, e in images.items()}
 
 
 # ------------------------------------------------------------------------------ on the cluster
@@ -145,9 +147,40 @@ def test_two_workers_give_the_single_process_result(client, model, slides, refer
     ref = json.loads((reference / "predictions.json").read_text())
     got = json.loads((out / "predictions.json").read_text())
     assert {k: v for k, v in got.items() if k != "images"} == \
-        {k: v for k, v in ref.items() if k not in ("images", "readouts")}
+        {k: v for k, v in ref.items() if k != "images"}
+    assert csv_rows(out) == csv_rows(reference)
+    assert (out / "big.report.png").is_file() and (out / "big.measurements.tsv").is_file()
     assert (out / "synthetic-000.overlay.png").is_file()
     assert not list(out.glob(".*.tmp"))  # every write was atomic
+
+
+def test_positive_percent_and_hotspots_match_the_single_process_run(client, model, slides,
+                                                                   tmp_path):
+    from qpcell.checkpoint import load_model
+    from qpcell.cohort import CohortOptions, predict_cohort
+    from qpcell.io.readouts import ReadoutOptions
+    from qpcell.predict import Predictor, predict_to_folder
+    from qpcell.readouts import PositiveRule
+
+    bundle = load_model(model, device="cpu")
+    names = [c.name for c in bundle.classes]
+    readouts = ReadoutOptions(PositiveRule((names[0],), ()), hotspot_mm2=400.0, min_cells=1,
+                              report=False)
+    jobs = collect_jobs(slides)
+    ref = tmp_path / "ref"
+    predict_to_folder(jobs, Predictor.from_bundle(bundle, name=str(model.resolve())), ref,
+                      tile_size=TILE, readouts=readouts)
+    out = tmp_path / "out"
+    outcome = predict_cohort(collect_jobs(slides), model, out, client,
+                             options=CohortOptions(tile_size=TILE, block_tiles=BLOCK,
+                                                   readouts=readouts))
+    assert not outcome.failures
+    got = {r.name: r.readouts for r in outcome.results}
+    assert any(h["kind"] == "positive" for h in got["big"]["hotspots"])
+    assert summary_images(out) == summary_images(ref)
+    assert csv_rows(out) == csv_rows(ref)
+    assert (out / "big.hotspots.json").read_bytes() != b""
+    assert not (out / "big.report.png").exists()
 
 
 def test_finished_images_are_skipped_and_an_unfinished_one_is_redone(client, model, slides,

@@ -53,7 +53,8 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
         return _run_on_cluster(model, source, out, cluster, regions=regions, device=device,
                                batch_size=batch_size or 4, tile_size=tile_size, mpp=mpp,
                                overwrite=overwrite, tissue=tissue, workers=workers, show=show,
-                               region_geoms=region_geoms, jobs=jobs, backend=backend)
+                               region_geoms=region_geoms, jobs=jobs, backend=backend,
+                               readouts=readouts)
     bundle = load_model(model, device=device)
     if jobs is None:
         jobs = collect_jobs(source, regions=regions, mpp=mpp)
@@ -169,9 +170,10 @@ def _run_on_cluster(model: Path, source: Path, out: Path, cluster: ClusterArgs, 
                     regions: str, device: str | None, batch_size: int, tile_size: int,
                     mpp: float | None, overwrite: bool, tissue: bool, workers: int | None,
                     show: bool, region_geoms: list | None, jobs: list | None,
-                    backend: str) -> list:
+                    backend: str, readouts=None) -> list:
     from qpcell.checkpoint import load_model
     from qpcell.cohort import CohortOptions, cohort_client, predict_cohort
+    from qpcell.io.readouts import ReadoutOptions
     from qpcell.predict import Predictor, collect_jobs
 
     bundle = load_model(model, device="cpu")  # checks the model; workers load their own
@@ -186,7 +188,8 @@ def _run_on_cluster(model: Path, source: Path, out: Path, cluster: ClusterArgs, 
                             batch_size=batch_size,
                             tissue=tissue, post_workers=workers,
                             torch_threads=cluster.torch_threads, retries=cluster.retries,
-                            block_tiles=cluster.block_tiles)
+                            block_tiles=cluster.block_tiles,
+                            readouts=readouts or ReadoutOptions())
     where = (f"Dask scheduler {cluster.scheduler}" if cluster.scheduler else
              f"a local Dask cluster of {cluster.workers} worker(s) x "
              f"{cluster.threads_per_worker} thread(s)")
