@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 from qpcell.checkpoint import load_model, read_config
 from qpcell.config import PatchConfig, TrainConfig
@@ -158,3 +159,21 @@ def test_the_builtin_model_finds_nuclei_on_endonuke_test_tiles(endonuke):
                                         reach_px=predictor.reach_px, tissue=False), ann))
     report = score_dataset(pairs, [c.name for c in imp.classes], 6.0)
     assert report.detection.f1 > 0.8, report.detection
+
+
+def test_cli_starts_from_a_model_folder_and_refuses_what_cannot_start(cli, synthetic_project,
+                                                                      tiny_model, tmp_path):
+    code, stdout, stderr = cli("train", synthetic_project, "--out", tmp_path / "m", "--base",
+                               "4", "--init", tiny_model, *TINY_TRAIN)
+    assert code == 0, stderr
+    text = " ".join(stdout.split())  # rich wraps long lines
+    assert "started from" in text and "weight tensors" in text
+    init = read_config(tmp_path / "m")["training"]["init"]
+    assert init["source"] == str(tiny_model) and init["copied"] == init["total"]
+    code, _, stderr = cli("train", synthetic_project, "--out", tmp_path / "n", "--init",
+                          tmp_path / "nowhere")
+    assert code == 1 and "no config.json" in stderr and "nowhere" in stderr
+    assert not (tmp_path / "n" / "config.json").exists()
+    code, _, stderr = cli("train", synthetic_project, "--out", tmp_path / "o", "--model",
+                          "mtl-ihc", "--init", "builtin")
+    assert code == 1 and "--init" in stderr
