@@ -140,12 +140,12 @@ def with_overrides(rec, overrides: Sequence[str]):
 
 def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: Path, *,
             device: str | None = None, base: int | None = None,
-            overrides: Sequence[str] = (), model: str = "s-drdin", init: str | None = None
+            overrides: Sequence[str] = (), model: str = "s-drdin", init: str = "none"
             ) -> dict:
     """Train with a time budget as ``qpcell train`` does, predict the test images, score.
 
-    ``init`` is the starting weights (``builtin``, ``none`` or a model folder; default: the
-    recipe's, as ``qpcell train`` chooses them)."""
+    ``init`` is the starting weights (``builtin``, ``none`` or a model folder; default
+    ``none``, as ``qpcell train``)."""
     from qpcell.checkpoint import load_model
     from qpcell.config import PAPER_MPP
     from qpcell.io.slides import open_slide
@@ -161,7 +161,6 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     kwargs = dict(rec.model_kwargs)
     if base:
         kwargs["base"] = base
-    init = init or ("none" if base else rec.init)
     tag = "" if init == "none" else f"-init-{Path(init).name}"
     out = workdir / f"{split.name}-{model}-{recipe_name}-{minutes:g}min-seed{seed}{tag}"
     t0 = time.perf_counter()
@@ -242,8 +241,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "patch.class_balance=0 or model.det_dice=0")
     p.add_argument("--base", type=int, default=None, help="network width (default: the "
                    "recipe's)")
-    p.add_argument("--init", default=None, help="starting weights: builtin, none or a model "
-                   "folder (default: the recipe's, as qpcell train)")
+    p.add_argument("--init", default="none", help="starting weights: none (the default, as "
+                   "qpcell train), builtin or a model folder")
     p.add_argument("--workdir", type=Path, default=Path("runs/time-to-accuracy"))
     p.add_argument("--cache", type=Path, default=Path("runs/data-cache"),
                    help="where the resampled EndoNuke copies are written")

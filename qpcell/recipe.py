@@ -43,7 +43,6 @@ class Recipe:
     patch: PatchConfig
     model_kwargs: dict = field(default_factory=dict)
     post: PostprocessConfig = PostprocessConfig()
-    init: str = "none"  # starting weights: "none" or "builtin" (qpcell.pretrained)
 
 
 def recipe(name: str, model_name: str = "s-drdin") -> Recipe:
@@ -63,18 +62,16 @@ def recipe(name: str, model_name: str = "s-drdin") -> Recipe:
     patch = replace(PatchConfig(), size=128, sampling="cells", background_fraction=0.1,
                     class_balance=0.5, rotate90=True, colour_jitter=0.0)
     kwargs: dict = {}
-    init = "none"
     if model_name in ("s-drdin", "s-drdin-gradient", "drdin-detection", "drdin-classification",
                       "separate"):
         kwargs = {"batch_norm": True}
         if model_name != "drdin-classification":
             kwargs["det_dice"] = 1.0
-        init = "builtin"  # the built-in model is an S-DRDIN of this recipe
     elif model_name == "unet":
         kwargs = {"batch_norm": True}
     # the fast maps leave smaller blobs than the paper's: start the area search at 10 px
     post = replace(PostprocessConfig(), min_area_px=10.0)
-    return Recipe("fast", train, mask, patch, kwargs, post, init)
+    return Recipe("fast", train, mask, patch, kwargs, post)
 
 
 __all__ = ["RECIPES", "DEFAULT_BUDGET_MIN", "Recipe", "recipe"]

@@ -27,9 +27,11 @@ sys.path.insert(0, str(REPO))
 
 CARD = """# qpcell built-in starting model: IHC nuclei (`ihc-nuclei`)
 
-What `qpcell train --init builtin` starts from (the default of the fast recipe for the S-DRDIN
-family): encoder, both decoders and the detection head come from this model; the class layer is
-fitted to the user's classes (kept only when they are EndoNuke's own, in the same order).
+What `qpcell train --init builtin` starts from (opt-in; training starts from random weights by
+default): encoder, both decoders and the detection head come from this model; the class layer
+is fitted to the user's classes (kept only when they are EndoNuke's own, in the same order).
+Measured (docs/RESULTS.md, "Starting from the built-in model"): it helps on IHC like its own
+(DAB + haematoxylin), and it did not help on H&E (NuCLS).
 
 - **Architecture**: S-DRDIN (Chen et al.), width {base}, batch normalisation, as
   `qpcell.recipe.recipe("fast")` builds it; {n_params:,} parameters; works at {mpp} µm/px.

@@ -185,11 +185,11 @@ def train_command(
     model_mpp: str = typer.Option(str(PAPER_MPP), help="µm/px the model works at "
                                   "(S-DRDIN: 0.44), or 'native' to keep each image's scale."),
     base: int | None = typer.Option(None, help="Network width (S-DRDIN: 16)."),
-    init: str | None = typer.Option(None, help="Starting weights: 'builtin' (qpcell's IHC "
-                                    "nucleus model; the default of --recipe fast for the "
-                                    "S-DRDIN family), 'none' (random; --recipe paper and "
-                                    "other models), or a model folder. The class layer is "
-                                    "fitted to your classes."),
+    init: str = typer.Option("none", help="Starting weights: 'none' (random, the default), "
+                             "'builtin' (qpcell's IHC nucleus model: S-DRDIN of the fast "
+                             "recipe, trained on EndoNuke; helps on DAB + haematoxylin IHC, "
+                             "not on H&E) or a model folder of the same architecture. The "
+                             "class layer is fitted to your classes."),
     val_images: str | None = typer.Option(None, help="Comma-separated image names to validate "
                                           "on (default: a seeded 30% of the images)."),
     images: str | None = typer.Option(None, help="Comma-separated image names to use."),
@@ -242,13 +242,11 @@ def train_command(
 
     prepare_model_folder(out, resume=resume, overwrite=overwrite)
     model_mpp_value = parse_mpp(model_mpp)
-    if init is not None and model == MTL:
+    from qpcell.pretrained import resolve_init
+
+    if resolve_init(init) is not None and model == MTL:  # a wrong folder fails here, early
         raise QpcellError("--init is for the S-DRDIN family and the U-Net; mtl-ihc trains its "
                           "own prior model")
-    if init is not None:
-        from qpcell.pretrained import resolve_init
-
-        resolve_init(init)  # a wrong folder fails before the images are read
     if recipe_name not in RECIPES:
         raise QpcellError(f"--recipe {recipe_name!r}: choose from {', '.join(RECIPES)}")
     rec = recipe(recipe_name, model)
@@ -314,9 +312,7 @@ def train_command(
             kwargs["mask_cfg"] = mask_cfg
     else:
         kwargs["mask_cfg"] = mask_cfg
-        # the recipe's starting model fits its own width only; a --base of one's own starts
-        # from random weights unless --init says otherwise
-        kwargs["init"] = init if init is not None else "none" if base is not None else rec.init
+        kwargs["init"] = init
         model_kwargs = dict(rec.model_kwargs)
         if base is not None:
             model_kwargs["base"] = base
