@@ -317,5 +317,10 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
     ratio = runs["endonuke-x2"]["source_mpp"]["value"] / runs["endonuke"]["source_mpp"]["value"]
     assert ratio == pytest.approx(0.5, rel=0.15)
     assert (tmp_path / "tta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(r["init"] == "none" for r in result["runs"])
+    # the figure of recorded runs, redrawn from their JSON without training
+    replot = tta.main(["--plot-from", str(out), str(out), "--plot", str(tmp_path / "re.png")])
+    assert len(replot["runs"]) == 2 * len(result["runs"])
+    assert (tmp_path / "re.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="unknown dataset"):
         tta.main(["--smoke", "--datasets", "kidney"])
