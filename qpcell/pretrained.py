@@ -68,9 +68,9 @@ class Transfer:
         return text
 
     def meta(self) -> dict:
-        """The entry in the new model's ``config.json``."""
+        """The entry in the new model's ``config.json`` (``Transfer(**meta)`` rebuilds it)."""
         return {"source": self.source, "copied": self.copied, "total": self.total,
-                "classes_kept": self.classes_kept}
+                "classes_kept": self.classes_kept, "source_mpp": self.source_mpp}
 
 
 def transfer_weights(model: torch.nn.Module, folder: Path, classes: tuple[CellClass, ...]

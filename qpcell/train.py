@@ -48,7 +48,7 @@ from qpcell.distributed import barrier, broadcast, default_loader_settings, setu
 from qpcell.errors import Interrupted, QpcellError
 from qpcell.io.atomic import atomic_open
 from qpcell.points import AnnotatedImage, CellClass
-from qpcell.pretrained import resolve_init, transfer_weights
+from qpcell.pretrained import Transfer, resolve_init, transfer_weights
 from qpcell.schedule import LR_SCHEDULES, Budget, lr_at
 from qpcell.train_guard import check_resume_state
 from qpcell.tuning import edge_notes, image_maps, tune_class_gain, tune_postprocess, validate
@@ -337,7 +337,7 @@ class Run:
     start_epoch: int = 1
     elapsed: float = 0.0  # seconds of a time budget already spent (resume)
     n_patches: int = 0
-    init: object = None  # qpcell.pretrained.Transfer when started from another model
+    init: Transfer | None = None  # set when the run started from another model's weights
 
 
 def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, model_name: str,
@@ -420,6 +420,9 @@ def restore(run: Run, state: dict, train_cfg: TrainConfig) -> None:
     run.rng = np.random.default_rng([train_cfg.seed, run.start_epoch])
     if "best_model" in state:
         run.best_state = state["best_model"]
+    init = json.loads(state.get("init") or "null")
+    if init:  # the run started from another model's weights
+        run.init = Transfer(**init)
 
 
 def _state(run: Run, epoch: int, split: tuple[list[str], list[str]], elapsed: float) -> dict:
@@ -427,7 +430,8 @@ def _state(run: Run, epoch: int, split: tuple[list[str], list[str]], elapsed: fl
              "epoch": epoch, "best": json.dumps(run.best),
              "history": json.dumps([h.__dict__ for h in run.history]),
              "split": json.dumps(split), "torch_rng": torch.get_rng_state(),
-             "elapsed": elapsed}
+             "elapsed": elapsed,
+             "init": json.dumps(run.init.meta() if run.init else None)}
     if run.best_state is not None:
         state["best_model"] = run.best_state
     return state
@@ -767,7 +771,7 @@ def train(
                     train_cfg=train_cfg, mask_cfg=mask_cfg, post_cfg=post_cfg,
                     match_radius_px=match_radius_px, device=device, resume=resume,
                     init=init_dir)
-    if run.init is not None:
+    if run.init is not None and not resume:
         callbacks.on_note(run.init.note(prep.model_mpp))
     extra = (None if extra_maps is None else [extra_maps[d.name] for d in prep.train_set],
              extra_key)

@@ -125,6 +125,26 @@ def test_training_from_a_starting_model_says_so_and_records_it(start_model, tmp_
     assert read_config(scratch.model_dir)["training"]["init"] is None
 
 
+def test_a_resumed_run_still_says_what_it_started_from(start_model, tmp_path):
+    from qpcell.train import TrainingInterrupted
+
+    folder, classes, data = start_model
+
+    class StopAt(TrainCallbacks):
+        def on_batch(self, epoch, step, loss, progress=None, seconds_left=None):
+            if (epoch, step) == (2, 1):
+                raise KeyboardInterrupt
+
+    kwargs = dict(model_kwargs={**FAST.model_kwargs, "base": 4}, model_mpp=None, prepared=data,
+                  init=str(folder), train_cfg=replace(FAST.train, epochs=2, seed=1),
+                  mask_cfg=FAST.mask, patch_cfg=PATCH, device="cpu", max_steps_per_epoch=2)
+    with pytest.raises(TrainingInterrupted):
+        train([], classes, tmp_path / "m", callbacks=StopAt(), **kwargs)
+    result = train([], classes, tmp_path / "m", resume=True, **kwargs)
+    init = read_config(result.model_dir)["training"]["init"]
+    assert init is not None and init["source"] == str(folder)
+
+
 def test_the_builtin_model_ships_with_its_card_and_fits_the_default_model():
     assert resolve_init("builtin") == BUILTIN_DIR
     size = sum(p.stat().st_size for p in BUILTIN_DIR.iterdir())
