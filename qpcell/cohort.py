@@ -323,8 +323,6 @@ def finish_image(job: PredictionJob, out: str, info: SlideInfo, classes: tuple[C
                  options: CohortOptions, seconds: float, *blocks: tuple[Detections, float]
                  ) -> DoneImage:
     """Last task of a split slide (on a worker): join the blocks' cells, write the outputs."""
-    from qpcell.io.outputs import OVERLAY_MAX_PIXELS
-
     t0 = time.perf_counter()
     det = Detections.concatenate([b[0] for b in blocks], classes, mpp=info.mpp)
     seconds += sum(b[1] for b in blocks)

@@ -9,8 +9,9 @@ the package.
 Usage::
 
     python scripts/make_builtin_model.py --minutes 30 --seed 0
-    python scripts/make_builtin_model.py --from runs/time-to-accuracy/endonuke-s-drdin-fast-30min-seed0 \\
-        --scores tta-30.json        # reuse a benchmark run and its test scores
+    # reuse a benchmark run and its test scores:
+    python scripts/make_builtin_model.py --minutes 30 --seed 0 \\
+        --from runs/time-to-accuracy/endonuke-s-drdin-fast-30min-seed0 --scores tta-30.json
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ Measured (docs/RESULTS.md, "Starting from the built-in model"): it helps on IHC 
 ## Data and licence
 Trained on EndoNuke: A. Naumov et al., "EndoNuke: Nuclei Detection Dataset for Estrogen and
 Progesterone Stained IHC Endometrium Scans", Data 2022 (the test subset shipped in the public
-`ispras/endonet` repository), licensed CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/). The model weights are a work
-derived from it and are distributed under CC BY 4.0 with this attribution. Only the weights are
+`ispras/endonet` repository), licensed CC BY 4.0
+(https://creativecommons.org/licenses/by/4.0/). The model weights are a work derived from it
+and are distributed under CC BY 4.0 with this attribution. Only the weights are
 shipped; no image or annotation of the dataset is part of qpcell.
 
 ## Limits
