@@ -75,6 +75,10 @@ def square(x: float, y: float, r: float = 3.0) -> dict:
     return {"type": "Polygon", "coordinates": [ring]}
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """``python -m qpcell ARGS`` in a subprocess; SIGINT ``presses`` times once a line of
     stdout holds ``after``."""
@@ -82,9 +86,11 @@ class Run:
     def __init__(self, args, after: str, presses: int = 1, cwd: Path | None = None) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep
                    + os.environ.get("PYTHONPATH", ""), COLUMNS="200")
+        # A suite started in the background (`cmd &`) inherits an ignored SIGINT, and Python
+        # then installs no KeyboardInterrupt handler: give the child the default disposition.
         self.proc = subprocess.Popen([sys.executable, "-m", "qpcell", *map(str, args)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env, cwd=cwd)
+                                     env=env, cwd=cwd, preexec_fn=default_sigint)
         self.lines: list[str] = []
         seen = threading.Event()
 
