@@ -683,7 +683,7 @@ def finish_run(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: T
         setting, f1, cf1 = validate(run.model, prep.val_set, classes, run.post, run.match_r,
                                     run.kind, run.device)
         run.best.update(setting=setting, f1=f1, class_f1=cf1)
-    for note in edge_notes(setting, run.post):
+    for note in edge_notes(setting, run.post, [c.name for c in classes]):
         callbacks.on_note(note)
     save_model(out, _kept(run.model),
                model_meta(run, prep, classes, setting, int(best["epoch"]), f1, cf1,

@@ -178,7 +178,8 @@ def tune_postprocess(maps: Sequence[tuple[np.ndarray, np.ndarray | None]],
     return best, best_key[0], best_key[1]
 
 
-def edge_notes(setting: dict, base: PostprocessConfig) -> list[str]:
+def edge_notes(setting: dict, base: PostprocessConfig,
+               class_names: Sequence[str] | None = None) -> list[str]:
     """Tuned values that sit on the edge of their search grid (the best may lie beyond it)."""
     notes = []
     t = setting.get("threshold")
@@ -193,6 +194,12 @@ def edge_notes(setting: dict, base: PostprocessConfig) -> list[str]:
         if w == max(windows):
             notes.append(f"the tuned peak window {w} px is the largest tried: cells may be "
                          "larger than the model's scale assumes (check the pixel size)")
+    gains = setting.get("class_gain") or ()
+    low = [class_names[k] if class_names else f"class {k + 1}"
+           for k, g in enumerate(gains) if g == min(GAINS)]
+    if low and len(low) < len(gains):
+        notes.append(f"the class gain of {', '.join(low)} is the lowest tried ({min(GAINS)}): "
+                     "the network calls these classes too often, so their counts may run high")
     return notes
 
 

@@ -95,3 +95,9 @@ def test_tuned_values_on_the_edge_of_their_grid_are_reported():
     widest = max(round(base.peak_window_px * f) | 1 for f in PEAK_WINDOW_FRACTIONS)
     (window,) = edge_notes({"threshold": 0.5, "peak_window_px": widest}, base)
     assert "largest" in window and "pixel size" in window
+    from qpcell.tuning import GAINS
+
+    (gain,) = edge_notes({"threshold": 0.5, "class_gain": [2.0, 2.0, min(GAINS)]}, base,
+                         ["stroma", "epithelium", "other"])
+    assert "class gain of other" in gain and "counts may run high" in gain
+    assert edge_notes({"threshold": 0.5, "class_gain": [min(GAINS)] * 2}, base) == []
