@@ -113,6 +113,11 @@ class TrainConfig:
     # model included) instead of ``epochs``; the schedule spans the time (qpcell.schedule)
     time_budget_s: float | None = None
     val_share: float = 0.1  # a time-budgeted run validates for at most this share of it
+    # Not in the papers: with at most refit_max_images annotated images, the last refit_share
+    # of the run (time or epochs) trains on every image, the validation images too; the
+    # post-processing settings are chosen on the validation images just before (qpcell.train)
+    refit_share: float = 0.0
+    refit_max_images: int = 30
 
 
 #: The rules for TrainConfig.select_on.

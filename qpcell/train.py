@@ -100,6 +100,9 @@ class TrainResult:
     seconds: float
     mpp: float | None = None
     notes: list[str] = field(default_factory=list)
+    # the kept weights trained on every image after this round (None: no refit); the
+    # validation scores are that round's
+    refit_after_round: int | None = None
 
 
 class TrainCallbacks:
@@ -338,6 +341,9 @@ class Run:
     elapsed: float = 0.0  # seconds of a time budget already spent (resume)
     n_patches: int = 0
     init: Transfer | None = None  # set when the run started from another model's weights
+    # set when the run's last stretch trains on every image (:func:`refits`): the round it
+    # began after, and that round's settings and validation scores
+    refit: dict | None = None
 
 
 def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, model_name: str,
@@ -420,6 +426,7 @@ def restore(run: Run, state: dict, train_cfg: TrainConfig) -> None:
     run.rng = np.random.default_rng([train_cfg.seed, run.start_epoch])
     if "best_model" in state:
         run.best_state = state["best_model"]
+    run.refit = json.loads(state.get("refit") or "null")
     init = json.loads(state.get("init") or "null")
     if init:  # the run started from another model's weights
         run.init = Transfer(**init)
@@ -431,7 +438,8 @@ def _state(run: Run, epoch: int, split: tuple[list[str], list[str]], elapsed: fl
              "history": json.dumps([h.__dict__ for h in run.history]),
              "split": json.dumps(split), "torch_rng": torch.get_rng_state(),
              "elapsed": elapsed,
-             "init": json.dumps(run.init.meta() if run.init else None)}
+             "init": json.dumps(run.init.meta() if run.init else None),
+             "refit": json.dumps(run.refit)}
     if run.best_state is not None:
         state["best_model"] = run.best_state
     return state
@@ -547,11 +555,36 @@ def model_meta(run: Run, prep: PreparedData, classes, setting: dict, epoch: int,
             "n_train_points": int(sum(len(d.xy) for d in prep.train_set)),
             "source_mpp": prep.source_mpp,
             "init": run.init.meta() if run.init else None,
+            # the weights also saw the validation images after this round (settings: before)
+            "refit_after_round": run.best.get("refit_after_round"),
             "config": to_dict(train_cfg), "patch": to_dict(patch_cfg),
             "qpcell_version": __version__,
         },
         **(extra_meta or {}),
     }
+
+
+def refits(train_cfg: TrainConfig, n_images: int, n_val: int) -> bool:
+    """True when the run ends on every image: few images (at most
+    ``train_cfg.refit_max_images``), some of them for validation, and ``refit_share`` > 0."""
+    if not 0.0 <= train_cfg.refit_share < 1.0:
+        raise QpcellError(f"the refit share must be a fraction in [0, 1), got "
+                          f"{train_cfg.refit_share}")
+    return train_cfg.refit_share > 0 and n_val > 0 and n_images <= train_cfg.refit_max_images
+
+
+def refit_epoch(train_cfg: TrainConfig) -> int | None:
+    """The first epoch on every image in an epoch-counted refit run (None: the run is too
+    short to leave a validated epoch before it)."""
+    first = train_cfg.epochs - math.ceil(train_cfg.refit_share * train_cfg.epochs) + 1
+    return first if 2 <= first <= train_cfg.epochs else None
+
+
+def refit_note(n_images: int, share: float, epoch: int) -> str:
+    """What the user is told when the refit begins."""
+    return (f"only {n_images} images: the settings were chosen on the validation images "
+            f"after round {epoch}; the last {share:.0%} of the run trains on all {n_images}, "
+            "so the model is not validated after that")
 
 
 def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: TrainConfig,
@@ -563,7 +596,12 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
     if train_cfg.time_budget_s is not None:
         budget = Budget(train_cfg.time_budget_s, val_share=train_cfg.val_share)
         budget.start(time.perf_counter() - run.elapsed)
-    windows = round_windows(run, prep.train_set, patch_cfg, len(classes))
+    refit = refits(train_cfg, len(prep.data), len(prep.val_set))
+    first_refit = refit_epoch(train_cfg) if refit and budget is None else None
+    train_set = prep.data if run.refit else prep.train_set
+    if run.refit and budget is not None:
+        budget.final_factor = 0.0  # the settings were chosen when the refit began
+    windows = round_windows(run, train_set, patch_cfg, len(classes))
     if not len(windows):
         raise QpcellError("no training patches: are the points inside the annotated regions?")
     per_round = len(windows)
@@ -584,9 +622,8 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
                 break
             t0 = time.perf_counter()
             if epoch > run.start_epoch:
-                windows = round_windows(run, prep.train_set, patch_cfg, len(classes),
-                                        per_round)
-            loader = _loader(run, prep.train_set, windows, patch_cfg, train_cfg, extra)
+                windows = round_windows(run, train_set, patch_cfg, len(classes), per_round)
+            loader = _loader(run, train_set, windows, patch_cfg, train_cfg, extra)
             run.model.train()
             total, parts_sum, steps, lr = 0.0, {}, 0, train_cfg.lr
             stop_round = False
@@ -610,30 +647,46 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
                     if budget is None:
                         if max_steps_per_epoch and step >= max_steps_per_epoch:
                             break
-                    elif budget.done(now) or budget.should_validate(now):
+                    elif budget.done(now) or (run.refit is None and (
+                            budget.should_validate(now)
+                            or refit and budget.progress(now) >= 1 - train_cfg.refit_share)):
                         break
                 else:  # the loader ran dry: an epoch ends, a budget round draws more windows
                     if budget is not None:
-                        windows = round_windows(run, prep.train_set, patch_cfg, len(classes),
+                        windows = round_windows(run, train_set, patch_cfg, len(classes),
                                                 per_round)
-                        loader = _loader(run, prep.train_set, windows, patch_cfg, train_cfg,
-                                         extra)
+                        loader = _loader(run, train_set, windows, patch_cfg, train_cfg, extra)
                         continue
                 stop_round = True
             last_done = epoch - 1
-            t_val = time.perf_counter()
-            setting, f1, cf1 = broadcast(
-                validate(run.model, prep.val_set, classes, run.post, run.match_r, run.kind,
-                         run.device, quick=budget is not None)
-                if run.ctx.is_main else None, run.ctx)  # rank 0 validates; the others wait
-            if budget is not None:
-                budget.validated(time.perf_counter(), time.perf_counter() - t_val)
-            is_best = keep_if_best(run, epoch, setting, f1, cf1, train_cfg.select_on)
+            now = time.perf_counter()
+            switch = refit and run.refit is None and (
+                epoch + 1 == first_refit if budget is None else
+                budget.progress(now) >= 1 - train_cfg.refit_share and not budget.done(now))
+            if run.refit is not None:  # a round on every image: nothing left to validate on
+                setting, f1, cf1 = run.refit["setting"], math.nan, math.nan
+                is_best = False
+            else:
+                setting, f1, cf1 = broadcast(
+                    validate(run.model, prep.val_set, classes, run.post, run.match_r,
+                             run.kind, run.device, quick=budget is not None and not switch)
+                    if run.ctx.is_main else None, run.ctx)  # rank 0 validates; others wait
+                if budget is not None:
+                    budget.validated(time.perf_counter(), time.perf_counter() - now)
+                is_best = keep_if_best(run, epoch, setting, f1, cf1, train_cfg.select_on)
             if run.ctx.is_main and train_cfg.keep_epochs:
+                scores = (f1, cf1) if run.refit is None else (run.refit["f1"],
+                                                              run.refit["class_f1"])
                 save_model(epoch_dir(out, epoch), _kept(run.model),
-                           model_meta(run, prep, classes, setting, epoch, f1, cf1,
+                           model_meta(run, prep, classes, setting, epoch, *scores,
                                       train_cfg=train_cfg, mask_cfg=mask_cfg,
                                       patch_cfg=patch_cfg, extra_meta=extra_meta))
+            if switch:  # the settings are chosen: the rest of the run sees every image
+                run.refit = {"epoch": epoch, "setting": setting, "f1": f1, "class_f1": cf1}
+                train_set = prep.data
+                if budget is not None:
+                    budget.final_factor = 0.0
+                callbacks.on_note(refit_note(len(prep.data), train_cfg.refit_share, epoch))
             summary = EpochSummary(epoch, total / max(steps, 1),
                                    {k: v / max(steps, 1) for k, v in parts_sum.items()},
                                    f1, cf1, float(setting.get("threshold", math.nan)),
@@ -642,9 +695,11 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
             elapsed = time.perf_counter() - budget.t0 if budget is not None else 0.0
             if run.ctx.is_main:  # rank 0 alone writes the log and the resume state
                 with open(log_path, "a", encoding="utf-8") as log:
+                    scores = ("all images (refit)" if math.isnan(f1) else
+                              f"val_f1 {f1:.4f} val_class_f1 {cf1:.4f}")
                     log.write(f"epoch {epoch} steps {steps} lr {lr:.2e} "
-                              f"loss {summary.loss:.5f} val_f1 {f1:.4f} "
-                              f"val_class_f1 {cf1:.4f} threshold {summary.threshold:.2f} "
+                              f"loss {summary.loss:.5f} {scores} "
+                              f"threshold {summary.threshold:.2f} "
                               f"seconds {summary.seconds:.1f}{' best' if is_best else ''}\n")
                 _write_state(out / RESUME, _state(run, epoch, prep.split, elapsed))
             last_done = epoch
@@ -660,6 +715,18 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
         raise TrainingInterrupted(
             f"interrupted after round {last_done}; the best model so far is kept; "
             "continue with --resume", out) from None
+    if run.refit is not None and last_done > run.refit["epoch"]:
+        keep_refit(run, last_done)
+
+
+def keep_refit(run: Run, epoch: int) -> None:
+    """Keep the refit's last weights, with the settings chosen when the refit began."""
+    r = run.refit
+    run.best = {"key": list(selection_key(r["f1"], r["class_f1"])), "f1": r["f1"],
+                "class_f1": r["class_f1"], "epoch": epoch, "setting": r["setting"],
+                "refit_after_round": r["epoch"]}
+    run.best_state = {k: v.detach().to("cpu", copy=True)
+                      for k, v in run.model.state_dict().items()}
 
 
 def _kept(model: torch.nn.Module) -> torch.nn.Module:
@@ -679,7 +746,7 @@ def finish_run(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: T
     run.model.load_state_dict(run.best_state)
     best = run.best
     setting, f1, cf1 = best["setting"], best["f1"], best["class_f1"]
-    if retune and train_cfg.time_budget_s is not None:
+    if retune and train_cfg.time_budget_s is not None and run.refit is None:
         setting, f1, cf1 = validate(run.model, prep.val_set, classes, run.post, run.match_r,
                                     run.kind, run.device)
         run.best.update(setting=setting, f1=f1, class_f1=cf1)
@@ -785,7 +852,7 @@ def train(
     return TrainResult(out, run.history, int(run.best["epoch"]), float(run.best["f1"]),
                        float(run.best["class_f1"]), prep.split[0], prep.split[1],
                        run.n_patches, time.perf_counter() - t_start, prep.model_mpp,
-                       list(prep.notes))
+                       list(prep.notes), run.best.get("refit_after_round"))
 
 
 __all__ = ["TrainImage", "EpochSummary", "TrainResult", "TrainCallbacks", "TrainingInterrupted",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -68,11 +69,13 @@ class RichCallbacks(TrainCallbacks):
             self.progress.console.print(f"{done}{info}", highlight=False)
 
     def on_epoch(self, summary: EpochSummary) -> None:
-        self.val = f"{summary.val_f1:.3f}"
+        refit = math.isnan(summary.val_f1)  # a round on every image (qpcell.train.refits)
+        self.val = "refit" if refit else f"{summary.val_f1:.3f}"
         star = " *" if summary.best else ""
+        scores = ("all images, not validated" if refit else
+                  f"val F1 {summary.val_f1:.3f}  class F1 {summary.val_class_f1:.3f}")
         self.progress.console.print(
-            f"{self.round} {summary.epoch:3d}  loss {summary.loss:.4f}  "
-            f"val F1 {summary.val_f1:.3f}  class F1 {summary.val_class_f1:.3f}  "
+            f"{self.round} {summary.epoch:3d}  loss {summary.loss:.4f}  {scores}  "
             f"thr {summary.threshold:.2f}  {summary.steps} steps  "
             f"{summary.seconds:.0f}s{star}", highlight=False)
 
@@ -175,6 +178,11 @@ def train_command(
                                          "weighted classification F1; fast)."),
     keep_epochs: bool = typer.Option(False, help="Also save every epoch's model under "
                                      "OUT/epochs/epoch-NNN."),
+    refit: float | None = typer.Option(None, help=f"With at most {TrainConfig.refit_max_images} "
+                                       "images: train the last "
+                                       "REFIT share of the run on every image, the "
+                                       "validation images too, once the settings are "
+                                       "chosen on them (0: never; paper: 0)."),
     seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
     precision: str = typer.Option(TrainConfig.precision, help="'auto': bf16 autocast and "
                                   "channels-last where the hardware computes bf16 natively "
@@ -264,7 +272,8 @@ def train_command(
     train_cfg = replace(rec.train, seed=seed, precision=precision,
                         keep_epochs=keep_epochs, time_budget_s=budget_s,
                         **given(epochs=epochs, batch_size=batch_size, lr=lr,
-                                lr_schedule=lr_schedule, select_on=select_on))
+                                lr_schedule=lr_schedule, select_on=select_on,
+                                refit_share=refit))
     patch_cfg = replace(rec.patch, **given(size=patch_size, stride=stride, sampling=sampling,
                                            background_fraction=background_fraction,
                                            rotate90=rotate90, colour_jitter=colour_jitter,
@@ -283,6 +292,9 @@ def train_command(
         raise QpcellError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     if train_cfg.select_on not in SELECT_ON:
         raise QpcellError(f"--select-on {select_on!r}: choose from {', '.join(SELECT_ON)}")
+    if not 0 <= train_cfg.refit_share < 1:
+        raise QpcellError(f"--refit {refit}: give a share of the run from 0 up to (not "
+                          "including) 1")
     if train_cfg.epochs < 1 or train_cfg.batch_size < 1:
         raise QpcellError("--epochs and --batch-size must be at least 1")
     roots = {}
@@ -335,8 +347,13 @@ def train_command(
     table.add_row("model folder", str(result.model_dir))
     table.add_row("best round" if budget_s else "best epoch", str(result.best_epoch))
     table.add_row("model scale", f"{result.mpp:g} µm/px" if result.mpp else "native")
-    table.add_row("validation detection F1", f"{result.val_f1:.3f}")
-    table.add_row("validation classification F1 (weighted)", f"{result.val_class_f1:.3f}")
+    when = ""
+    if result.refit_after_round is not None:
+        table.add_row("trained on every image", f"after round {result.refit_after_round}")
+        when = f" (round {result.refit_after_round})"
+    table.add_row(f"validation detection F1{when}", f"{result.val_f1:.3f}")
+    table.add_row(f"validation classification F1 (weighted){when}",
+                  f"{result.val_class_f1:.3f}")
     table.add_row("train / validation images",
                   f"{len(result.train_images)} / {len(result.val_images)}")
     table.add_row("time", f"{result.seconds / 60:.1f} min")
