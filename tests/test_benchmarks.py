@@ -324,3 +324,31 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
     assert (tmp_path / "re.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="unknown dataset"):
         tta.main(["--smoke", "--datasets", "kidney"])
+
+
+def test_class_gains_tunes_each_grid_on_validation_and_scores_test(endonuke, tmp_path,
+                                                                   monkeypatch):
+    from dataclasses import replace
+
+    from qpcell.config import PatchConfig, TrainConfig
+    from qpcell.train import train
+
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    gains = load_script("class_gains")
+    split = gains.load_split("endonuke", endonuke.parent, tmp_path / "cache")
+    images = split.trainval[:4]
+    train(images, split.classes, tmp_path / "m", model_kwargs={"base": 4},
+          train_cfg=replace(TrainConfig(), epochs=1), val_names=[images[0].name],
+          patch_cfg=replace(PatchConfig(), size=64, stride=64), device="cpu",
+          max_steps_per_epoch=2)
+    out = tmp_path / "gains.json"
+    rows = gains.main(["--models", str(tmp_path / "m"), "--grid", "1,2", "--grid",
+                       "0.1,1,2,5", "--max-test", "2", "--cache", str(tmp_path / "cache"),
+                       "--json", str(out)])
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(json.dumps(rows))
+    assert [r["grid"] for r in rows] == [[1.0, 2.0], [0.1, 1.0, 2.0, 5.0]]
+    for row in rows:
+        assert len(row["gain"]) == len(split.classes)
+        assert set(row["gain"]) <= set(row["grid"])
+    # gains move classes, never cells
+    assert rows[0]["scores"]["detection_f1"] == rows[1]["scores"]["detection_f1"]

@@ -101,3 +101,39 @@ def test_tuned_values_on_the_edge_of_their_grid_are_reported():
                          ["stroma", "epithelium", "other"])
     assert "class gain of other" in gain and "counts may run high" in gain
     assert edge_notes({"threshold": 0.5, "class_gain": [min(GAINS)] * 2}, base) == []
+
+
+def over_called_rare(seed: int = 0):
+    """Cells whose class maps call the rare class too often, as a loss that weights every
+    class alike leaves them: 30% of the common cells score 0.5-0.65 for "rare"."""
+    rng = np.random.default_rng(seed)
+    truths, dets = [], []
+    for i in range(4):
+        xy = rng.uniform(0, 500, (50, 2))
+        labels = (np.arange(50) < 5).astype(np.int64)
+        p_rare = np.where(labels == 1, rng.uniform(0.7, 0.9, 50),
+                          np.where(np.arange(50) % 3 == 0, rng.uniform(0.5, 0.65, 50),
+                                   rng.uniform(0.0, 0.3, 50)))
+        probs = np.column_stack([1 - p_rare, p_rare]).astype(np.float32)
+        truths.append(TrainImage(f"im{i}", np.zeros((500, 500, 3), np.uint8), xy, labels, None))
+        dets.append(Detections(xy, probs.argmax(axis=1), np.ones(50, np.float32), probs,
+                               CLASSES))
+    return dets, truths
+
+
+def test_gains_tuned_for_both_scores_pull_an_over_called_class_back():
+    from qpcell.tuning import GAIN_OBJECTIVE
+
+    dets, truths = over_called_rare()
+    before = score_dataset(list(zip(dets, truths, strict=True)), ["common", "rare"], 3.0)
+    assert before.classification.weighted_f1 < 0.8  # gain 1: a fifth of the cells miscalled
+    assert GAIN_OBJECTIVE == "both"
+    for objective in ("weighted", "both"):
+        gain, weighted = tune_class_gain(dets, truths, CLASSES, 3.0, objective=objective)
+        # every cell is right when common cells (p_rare <= 0.65) stay common,
+        # g_rare * 0.65 < g_common * 0.35, and rare ones (p_rare >= 0.7) turn rare,
+        # g_rare * 0.7 > g_common * 0.3
+        assert 0.3 / 0.7 < gain[1] / gain[0] < 0.35 / 0.65, objective
+        assert weighted == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="objective"):
+        tune_class_gain(dets, truths, CLASSES, 3.0, objective="accuracy")

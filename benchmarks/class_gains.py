@@ -1,0 +1,129 @@
+"""Class gains: what the grid of per-class factors, tuned on validation, does to test scores.
+
+Each model folder is a ``benchmarks/time_to_accuracy.py`` run. Its validation images (named in
+its ``config.json``) and the split's test images are predicted once with every class gain 1,
+the way ``qpcell predict`` reads them; then the gains are tuned on the validation cells
+(:func:`qpcell.tuning.tune_class_gain`, as training does) with each ``--grid`` and the test
+cells are scored with them. Gains change only classes, so detection F1 is the same in every
+row of one model.
+
+Usage::
+
+    python benchmarks/class_gains.py --dataset endonuke --models runs/tta/endonuke-*-seed0 \\
+        --grid 0.5,1,2,3,5,8,13 --grid 0.05,0.1,0.2,0.3,0.5,1,2,3,5,8,13 --json gains.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from accuracy import data_root, scores_of  # noqa: E402
+from time_to_accuracy import DATASETS, load_split  # noqa: E402
+
+
+def predict_all(model_dir: Path, images: Sequence, source_mpp: float | None) -> list:
+    """Detections of ``images`` with every class gain 1 (class probabilities kept)."""
+    from qpcell.checkpoint import load_model
+    from qpcell.io.slides import open_slide
+    from qpcell.predict import Predictor, predict_slide
+
+    bundle = load_model(model_dir, device="cpu")
+    bundle.postprocess = replace(bundle.postprocess, class_gain=())
+    predictor = Predictor.from_bundle(bundle)
+    preds = []
+    for ann in images:
+        with open_slide(ann.image, mpp=source_mpp) as slide:
+            preds.append(predict_slide(slide, predictor.map_fn, predictor.postprocess_fn,
+                                       mpp=predictor.mpp, classes=predictor.classes,
+                                       reach_px=predictor.reach_px, tissue=False))
+    return preds
+
+
+def with_gain(dets: Sequence, gain: Sequence[float]) -> list:
+    """The same cells, classes chosen again with ``gain``."""
+    from qpcell.postprocess import apply_class_gain
+
+    out = []
+    for d in dets:
+        if not len(d):
+            out.append(d)
+            continue
+        probs = apply_class_gain(d.class_probs, tuple(gain))
+        out.append(replace(d, labels=np.argmax(probs, axis=1),
+                           class_probs=probs.astype(np.float32)))
+    return out
+
+
+def run_model(model_dir: Path, split, grids: Sequence[tuple[float, ...]],
+              objectives: Sequence[str] = ("class_aware",), rounds: int = 1) -> list[dict]:
+    """One row per grid: the gains tuned on validation and the test scores with them."""
+    import qpcell.tuning as tuning
+    from qpcell.config import PAPER_MPP
+    from qpcell.metrics import score_dataset
+    from qpcell.train import estimate_source_mpp
+
+    config = json.loads((model_dir / "config.json").read_text())
+    val_names = set(config["training"]["val_images"])
+    val = [a for a in split.trainval if a.name in val_names]
+    source_mpp, _ = estimate_source_mpp(split.trainval, PAPER_MPP, None)
+    names = [c.name for c in split.classes]
+    val_dets = predict_all(model_dir, val, source_mpp)
+    test_dets = predict_all(model_dir, split.test, source_mpp)
+    rows = []
+    for objective in objectives:
+        for grid in grids:
+            saved = tuning.GAINS
+            tuning.GAINS = grid
+            try:
+                gain, _ = tuning.tune_class_gain(val_dets, val, split.classes, split.radius_px,
+                                                 objective=objective, rounds=rounds)
+            finally:
+                tuning.GAINS = saved
+            report = score_dataset(list(zip(with_gain(test_dets, gain), split.test,
+                                            strict=True)), names, split.radius_px)
+            rows.append({"model": str(model_dir), "grid": list(grid), "objective": objective,
+                         "rounds": rounds,
+                         "gain": list(gain), "scores": scores_of(report)})
+            s = rows[-1]["scores"]
+            print(f"{model_dir.name} {objective}, grid {min(grid):g}-{max(grid):g}: gains "
+                  f"{list(gain)} detection F1 {s['detection_f1']:.3f} weighted F1 "
+                  f"{s['weighted_f1']:.3f} class-aware {s['mean_class_aware_f1']:.3f}",
+                  flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="endonuke", choices=sorted(DATASETS))
+    p.add_argument("--models", type=Path, nargs="+", required=True)
+    p.add_argument("--grid", action="append", required=True,
+                   help="comma-separated gains (repeat for each grid to compare)")
+    p.add_argument("--objectives", default="class_aware",
+                   help="comma-separated: class_aware, weighted, both")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of coordinate ascent")
+    p.add_argument("--cache", type=Path, default=Path("runs/data-cache"))
+    p.add_argument("--max-test", type=int, default=None, help="score only the first N test "
+                   "images (quick checks)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    split = load_split(args.dataset, data_root(), args.cache, max_test=args.max_test)
+    grids = [tuple(float(g) for g in text.split(",")) for text in args.grid]
+    objectives = args.objectives.split(",")
+    rows = [r for m in args.models for r in run_model(m, split, grids, objectives, args.rounds)]
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
