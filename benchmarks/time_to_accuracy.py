@@ -140,12 +140,14 @@ def with_overrides(rec, overrides: Sequence[str]):
 
 def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: Path, *,
             device: str | None = None, base: int | None = None,
-            overrides: Sequence[str] = (), model: str = "s-drdin", init: str = "none"
-            ) -> dict:
+            overrides: Sequence[str] = (), model: str = "s-drdin", init: str = "none",
+            train_images: int | None = None) -> dict:
     """Train with a time budget as ``qpcell train`` does, predict the test images, score.
 
     ``init`` is the starting weights (``builtin``, ``none`` or a model folder; default
-    ``none``, as ``qpcell train``)."""
+    ``none``, as ``qpcell train``). ``train_images``: train (and validate) on only this many
+    of the training images, drawn by the seed, as a user with a few annotated tiles does;
+    the test images stay all of them."""
     from qpcell.checkpoint import load_model
     from qpcell.config import PAPER_MPP
     from qpcell.io.slides import open_slide
@@ -155,13 +157,18 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     from qpcell.train import estimate_source_mpp, train
 
     rec = with_overrides(recipe(recipe_name, model), overrides)
+    if train_images is not None:
+        pick = np.random.default_rng(seed).choice(len(split.trainval), train_images,
+                                                  replace=False)
+        split = replace(split, trainval=[split.trainval[i] for i in sorted(pick)])
     source_mpp, info = estimate_source_mpp(split.trainval, PAPER_MPP, None)
     # The matching radius at the model's scale: the same distance in the tissue as at test.
     model_px = split.radius_px * (source_mpp / PAPER_MPP if source_mpp else 1.0)
     kwargs = dict(rec.model_kwargs)
     if base:
         kwargs["base"] = base
-    tag = "" if init == "none" else f"-init-{Path(init).name}"
+    tag = ("" if init == "none" else f"-init-{Path(init).name}") + (
+        "" if train_images is None else f"-{train_images}images")
     out = workdir / f"{split.name}-{model}-{recipe_name}-{minutes:g}min-seed{seed}{tag}"
     t0 = time.perf_counter()
     result = train(split.trainval, split.classes, out, model_name=model,
@@ -183,9 +190,11 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     report = score_dataset(list(zip(preds, split.test, strict=True)),
                            [c.name for c in split.classes], split.radius_px)
     setting = bundle.meta["postprocess"]
-    return {"method": f"{split.name} {minutes:g} min" + (f" from {init}" if tag else ""),
+    return {"method": f"{split.name} {minutes:g} min" + (
+                f" from {init}" if init != "none" else "") + (
+                f" ({train_images} images)" if train_images is not None else ""),
             "dataset": split.name, "minutes": minutes, "seed": seed, "recipe": recipe_name,
-            "model": model, "init": init,
+            "model": model, "init": init, "train_images": len(split.trainval),
             "train_seconds": train_s, "predict_seconds": time.perf_counter() - t1,
             "rounds": len(result.history), "best_round": result.best_epoch,
             "steps": int(sum(h.steps for h in result.history)), "patches": result.n_patches,
@@ -243,6 +252,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "recipe's)")
     p.add_argument("--init", default="none", help="starting weights: none (the default, as "
                    "qpcell train), builtin or a model folder")
+    p.add_argument("--train-images", type=int, default=None, help="train and validate on "
+                   "only N of the training images, drawn by the seed (a user with a few "
+                   "annotated tiles); the test images stay all of them")
     p.add_argument("--workdir", type=Path, default=Path("runs/time-to-accuracy"))
     p.add_argument("--cache", type=Path, default=Path("runs/data-cache"),
                    help="where the resampled EndoNuke copies are written")
@@ -287,11 +299,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                max_test=3 if args.smoke else None)
         except QpcellError as err:
             sys.exit(f"time_to_accuracy: {err}")
+        if args.train_images is not None and not 2 <= args.train_images <= len(split.trainval):
+            sys.exit(f"time_to_accuracy: --train-images {args.train_images}: {name} has "
+                     f"{len(split.trainval)} training images (at least 2 are needed)")
         for m in minutes:
             for seed in seeds:
                 run = run_one(split, m, seed, args.recipe, args.workdir, device=args.device,
                               base=4 if args.smoke else args.base, overrides=args.set,
-                              model=args.model, init=args.init)
+                              model=args.model, init=args.init,
+                              train_images=args.train_images)
                 runs.append(run)
                 s = run["scores"]
                 print(f"{name} {m:g} min seed {seed}: detection F1 {s['detection_f1']:.3f} "

@@ -13,6 +13,10 @@
 5. :func:`finish_run` tunes every post-processing setting for the kept model and writes the
    model folder.
 
+With few images (:func:`refits`) the last share of the run trains on every image, the
+validation images too: their settings are chosen (fully tuned) just before, and the last
+weights are kept with them, since nothing is left to validate on.
+
 A Ctrl-C saves a resumable state; ``resume=True`` continues from it. Nothing here prints:
 progress and notes go to a :class:`TrainCallbacks` object and a log file.
 """
@@ -746,7 +750,8 @@ def finish_run(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: T
     run.model.load_state_dict(run.best_state)
     best = run.best
     setting, f1, cf1 = best["setting"], best["f1"], best["class_f1"]
-    if retune and train_cfg.time_budget_s is not None and run.refit is None:
+    refitted = best.get("refit_after_round") is not None  # its settings are chosen already
+    if retune and train_cfg.time_budget_s is not None and not refitted:
         setting, f1, cf1 = validate(run.model, prep.val_set, classes, run.post, run.match_r,
                                     run.kind, run.device)
         run.best.update(setting=setting, f1=f1, class_f1=cf1)
@@ -858,6 +863,7 @@ def train(
 __all__ = ["TrainImage", "EpochSummary", "TrainResult", "TrainCallbacks", "TrainingInterrupted",
            "PreparedData", "Run", "load_train_image", "split_names", "estimate_source_mpp",
            "prepare_data", "build_run", "train_rounds", "finish_run", "train", "epoch_lr",
+           "refits", "refit_epoch",
            "SELECT_ON", "selection_key", "pick_epoch", "epoch_dir",
            # validation lives in qpcell.tuning; these names stay importable from here
            "image_maps", "tune_class_gain", "tune_postprocess", "validate"]
