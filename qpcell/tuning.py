@@ -217,7 +217,9 @@ def edge_notes(setting: dict, base: PostprocessConfig,
            for k, g in enumerate(gains) if g == min(GAINS)]
     if low and len(low) < len(gains):
         notes.append(f"the class gain of {', '.join(low)} is the lowest tried ({min(GAINS)}): "
-                     "the network calls these classes too often, so their counts may run high")
+                     "the network cannot tell these classes apart yet, so they are seldom "
+                     "called and their counts may run low; annotate more of them or train "
+                     "longer")
     return notes
 
 
