@@ -14,6 +14,8 @@ scanners and pixel sizes it was not built for. Each of its changes was measured 
   anew every round, instead of every stride-120 window of every image;
 * the round kept is the best on detection and classification together (``combined``): with
   the cosine the last rounds sharpen the classes most, often at an equal detection F1;
+* with at most 30 images, the last 30% of the run trains on every image, the validation
+  images too, once the post-processing settings are chosen on them (``refit_share``);
 * flips and 90-degree rotations. HED stain / brightness / contrast jitter
   (``--colour-jitter 1``) is there for stains unlike the training images, but did not help on
   the held-out images of the same stain, so it is off by default.
@@ -57,7 +59,7 @@ def recipe(name: str, model_name: str = "s-drdin") -> Recipe:
     if name != "fast":
         raise QpcellError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     train = replace(TrainConfig(), batch_size=8, lr=2e-3, lr_schedule="cosine", warmup=0.05,
-                    select_on="combined")
+                    select_on="combined", refit_share=0.3)
     mask = replace(MaskConfig(), disc_radius_px=4.0)
     patch = replace(PatchConfig(), size=128, sampling="cells", background_fraction=0.1,
                     class_balance=0.5, rotate90=True, colour_jitter=0.0)

@@ -493,7 +493,9 @@ def _loader(run: Run, train_set, windows, patch_cfg: PatchConfig, train_cfg: Tra
               if patch_cfg.colour_jitter > 0 else None)
     dataset = PatchDataset([d.pixels for d in train_set], [(d.xy, d.labels) for d in train_set],
                            shard(windows, run.ctx), size=patch_cfg.size,
-                           target_fn=run.target_fn, extra_maps=extra[0], extra_key=extra[1],
+                           target_fn=run.target_fn,
+                           extra_maps=None if extra[0] is None else
+                           [extra[0][d.name] for d in train_set], extra_key=extra[1],
                            flips=patch_cfg.flips, rotate90=patch_cfg.rotate90, colour=colour,
                            seed=int(run.rng.integers(2**31)) + run.ctx.rank)
     generator = torch.Generator().manual_seed(int(run.rng.integers(2**31)))
@@ -845,8 +847,7 @@ def train(
                     init=init_dir)
     if run.init is not None and not resume:
         callbacks.on_note(run.init.note(prep.model_mpp))
-    extra = (None if extra_maps is None else [extra_maps[d.name] for d in prep.train_set],
-             extra_key)
+    extra = (extra_maps, extra_key)  # every image's maps: a refit trains on them all
     train_rounds(run, prep, classes, out, train_cfg=train_cfg, patch_cfg=patch_cfg,
                  mask_cfg=mask_cfg, callbacks=callbacks, max_steps_per_epoch=max_steps_per_epoch,
                  extra=extra, extra_meta=extra_meta)

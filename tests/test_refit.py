@@ -138,3 +138,38 @@ def test_ctrl_c_in_the_refit_keeps_the_validated_model_and_resume_refits(tmp_pat
     result = train([], classes, tmp_path / "m", resume=True, **kwargs)
     assert loaded == [sorted(d.name for d in data)] * 2  # epochs 3 and 4, on every image
     assert result.refit_after_round == 2 and result.best_epoch == 4
+
+
+def test_the_refit_crops_the_extra_maps_of_every_image(tmp_path):
+    """MTL-IHC's tissue prior comes as one map per image: a refit needs the validation images'
+    maps too, each with its own image."""
+    import numpy as np
+
+    classes, data = tiny_data(3)
+    maps = {d.name: np.full((1, *d.pixels.shape[:2]), i, np.float32)
+            for i, d in enumerate(data)}
+    seen: list[set] = []
+    real = train_module._loader
+
+    def spy(run, train_set, windows, patch_cfg, train_cfg, extra):
+        loader = real(run, train_set, windows, patch_cfg, train_cfg, extra)
+        values = set()
+        for k, (_, targets) in enumerate(loader):
+            values |= set(np.unique(targets["prior"].numpy()).tolist())
+            if k == 3:
+                break
+        seen.append(values)
+        return real(run, train_set, windows, patch_cfg, train_cfg, extra)
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(train_module, "_loader", spy)
+    try:
+        train([], classes, tmp_path / "m", model_kwargs={"base": 4}, model_mpp=None,
+              prepared=data, train_cfg=replace(TrainConfig(), epochs=2, seed=0,
+                                               refit_share=0.5),
+              patch_cfg=PATCH, device="cpu", max_steps_per_epoch=1, val_names=[data[0].name],
+              extra_maps=maps, extra_key="prior")
+    finally:
+        monkey.undo()
+    assert seen[0] <= {1.0, 2.0} and seen[1] <= {0.0, 1.0, 2.0}
+    assert 0.0 in seen[1]  # the validation image (maps of 0) is drawn in the refit

@@ -182,7 +182,7 @@ def train_command(
                                        "images: train the last "
                                        "REFIT share of the run on every image, the "
                                        "validation images too, once the settings are "
-                                       "chosen on them (0: never; paper: 0)."),
+                                       "chosen on them (0: never; fast: 0.3; paper: 0)."),
     seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
     precision: str = typer.Option(TrainConfig.precision, help="'auto': bf16 autocast and "
                                   "channels-last where the hardware computes bf16 natively "
