@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -49,28 +47,14 @@ def predict_all(model_dir: Path, images: Sequence, source_mpp: float | None) -> 
     return preds
 
 
-def with_gain(dets: Sequence, gain: Sequence[float]) -> list:
-    """The same cells, classes chosen again with ``gain``."""
-    from qpcell.postprocess import apply_class_gain
-
-    out = []
-    for d in dets:
-        if not len(d):
-            out.append(d)
-            continue
-        probs = apply_class_gain(d.class_probs, tuple(gain))
-        out.append(replace(d, labels=np.argmax(probs, axis=1),
-                           class_probs=probs.astype(np.float32)))
-    return out
-
-
 def run_model(model_dir: Path, split, grids: Sequence[tuple[float, ...]],
               objectives: Sequence[str] = ("class_aware",), rounds: int = 1) -> list[dict]:
     """One row per grid: the gains tuned on validation and the test scores with them."""
-    import qpcell.tuning as tuning
     from qpcell.config import PAPER_MPP
     from qpcell.metrics import score_dataset
+    from qpcell.postprocess import relabel_with_gain
     from qpcell.train import estimate_source_mpp
+    from qpcell.tuning import tune_class_gain
 
     config = json.loads((model_dir / "config.json").read_text())
     val_names = set(config["training"]["val_images"])
@@ -82,15 +66,11 @@ def run_model(model_dir: Path, split, grids: Sequence[tuple[float, ...]],
     rows = []
     for objective in objectives:
         for grid in grids:
-            saved = tuning.GAINS
-            tuning.GAINS = grid
-            try:
-                gain, _ = tuning.tune_class_gain(val_dets, val, split.classes, split.radius_px,
-                                                 objective=objective, rounds=rounds)
-            finally:
-                tuning.GAINS = saved
-            report = score_dataset(list(zip(with_gain(test_dets, gain), split.test,
-                                            strict=True)), names, split.radius_px)
+            gain, _ = tune_class_gain(val_dets, val, split.classes, split.radius_px,
+                                      objective=objective, rounds=rounds, gains=grid)
+            test = [relabel_with_gain(d, gain) for d in test_dets]
+            report = score_dataset(list(zip(test, split.test, strict=True)), names,
+                                   split.radius_px)
             rows.append({"model": str(model_dir), "grid": list(grid), "objective": objective,
                          "rounds": rounds,
                          "gain": list(gain), "scores": scores_of(report)})

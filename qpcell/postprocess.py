@@ -29,6 +29,7 @@ Choices the papers leave open (documented here, tested in ``tests/test_postproce
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 from scipy import ndimage
@@ -136,6 +137,15 @@ def apply_class_gain(probs: np.ndarray, gain) -> np.ndarray:
         raise QpcellError(f"class gains {gain.tolist()} must be {probs.shape[1]} finite "
                           "factors >= 0, one per class")
     return _normalise(probs * gain)
+
+
+def relabel_with_gain(dets: Detections, gain) -> Detections:
+    """The same cells, each class chosen again from its probabilities times ``gain``
+    (:func:`apply_class_gain`); the stored probabilities become the shifted ones."""
+    if not len(dets):
+        return dets
+    probs = apply_class_gain(dets.class_probs, gain)
+    return replace(dets, labels=np.argmax(probs, axis=1), class_probs=probs.astype(np.float32))
 
 
 def _round_half_up(v: np.ndarray) -> np.ndarray:
@@ -474,5 +484,5 @@ def _suppress(xy: np.ndarray, radius: float) -> np.ndarray:
 
 
 __all__ = ["postprocess_sdrdin", "postprocess_peaks", "cell_centres", "window_peaks", "box_means",
-           "apply_class_gain", "squared_distances",
+           "apply_class_gain", "relabel_with_gain", "squared_distances",
            "merge_radius_px", "MERGE_RADIUS_UM"]

@@ -537,9 +537,13 @@ def keep_if_best(run: Run, epoch: int, setting: dict, f1: float, cf1: float,
     if key <= tuple(run.best["key"]):
         return False
     run.best = {"key": list(key), "f1": f1, "class_f1": cf1, "epoch": epoch, "setting": setting}
-    run.best_state = {k: v.detach().to("cpu", copy=True)
-                      for k, v in run.model.state_dict().items()}
+    run.best_state = cpu_copy(run.model)
     return True
+
+
+def cpu_copy(model: torch.nn.Module) -> dict:
+    """The model's weights, copied to the CPU (the kept round's state)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def model_meta(run: Run, prep: PreparedData, classes, setting: dict, epoch: int, f1: float,
@@ -604,6 +608,11 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
         budget.start(time.perf_counter() - run.elapsed)
     refit = refits(train_cfg, len(prep.data), len(prep.val_set))
     first_refit = refit_epoch(train_cfg) if refit and budget is None else None
+
+    def refit_due(now: float) -> bool:  # a time budget's refit begins after this round
+        return (refit and run.refit is None
+                and budget.progress(now) >= 1 - train_cfg.refit_share)
+
     train_set = prep.data if run.refit else prep.train_set
     if run.refit and budget is not None:
         budget.final_factor = 0.0  # the settings were chosen when the refit began
@@ -654,8 +663,7 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
                         if max_steps_per_epoch and step >= max_steps_per_epoch:
                             break
                     elif budget.done(now) or (run.refit is None and (
-                            budget.should_validate(now)
-                            or refit and budget.progress(now) >= 1 - train_cfg.refit_share)):
+                            budget.should_validate(now) or refit_due(now))):
                         break
                 else:  # the loader ran dry: an epoch ends, a budget round draws more windows
                     if budget is not None:
@@ -666,9 +674,8 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
                 stop_round = True
             last_done = epoch - 1
             now = time.perf_counter()
-            switch = refit and run.refit is None and (
-                epoch + 1 == first_refit if budget is None else
-                budget.progress(now) >= 1 - train_cfg.refit_share and not budget.done(now))
+            switch = (refit and run.refit is None and epoch + 1 == first_refit
+                      if budget is None else refit_due(now) and not budget.done(now))
             if run.refit is not None:  # a round on every image: nothing left to validate on
                 setting, f1, cf1 = run.refit["setting"], math.nan, math.nan
                 is_best = False
@@ -731,8 +738,7 @@ def keep_refit(run: Run, epoch: int) -> None:
     run.best = {"key": list(selection_key(r["f1"], r["class_f1"])), "f1": r["f1"],
                 "class_f1": r["class_f1"], "epoch": epoch, "setting": r["setting"],
                 "refit_after_round": r["epoch"]}
-    run.best_state = {k: v.detach().to("cpu", copy=True)
-                      for k, v in run.model.state_dict().items()}
+    run.best_state = cpu_copy(run.model)
 
 
 def _kept(model: torch.nn.Module) -> torch.nn.Module:

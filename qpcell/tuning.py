@@ -64,10 +64,11 @@ GAIN_OBJECTIVE = "both"
 
 def tune_class_gain(dets: Sequence[Detections], truths: Sequence,
                     classes: Sequence[CellClass], radius_px: float, *, rounds: int = 1,
-                    objective: str = GAIN_OBJECTIVE) -> tuple[tuple[float, ...], float]:
+                    objective: str = GAIN_OBJECTIVE, gains: Sequence[float] = GAINS
+                    ) -> tuple[tuple[float, ...], float]:
     """Per-class gains (:attr:`PostprocessConfig.class_gain`) for ``dets`` (found with gain 1).
 
-    Coordinate ascent over :data:`GAINS`, class by class. ``objective`` (one of
+    Coordinate ascent over ``gains`` (default :data:`GAINS`), class by class. ``objective`` (one of
     :data:`GAIN_OBJECTIVES`): ``"class_aware"``, the mean class-aware F1 over the classes
     (paper 003; a class never predicted scores 0 there), keeping weighted classification F1
     within :data:`GAIN_WEIGHTED_F1_SLACK` of the gain-1 value; ``"weighted"``, weighted
@@ -79,19 +80,13 @@ def tune_class_gain(dets: Sequence[Detections], truths: Sequence,
     gains : one factor per class (all 1.0 when nothing helps); weighted_f1 : with them
     """
     from qpcell.metrics import score_dataset
-    from qpcell.postprocess import apply_class_gain
+    from qpcell.postprocess import relabel_with_gain
 
     names = [c.name for c in classes]
     regions = [t.regions for t in truths]
 
-    def relabel(d: Detections, gain: tuple[float, ...]) -> Detections:
-        if not len(d):
-            return d
-        probs = apply_class_gain(d.class_probs, gain)
-        return replace(d, labels=np.argmax(probs, axis=1), class_probs=probs.astype(np.float32))
-
     def score(gain: tuple[float, ...]) -> tuple[float, float]:
-        relabelled = [relabel(d, gain) for d in dets]
+        relabelled = [relabel_with_gain(d, gain) for d in dets]
         report = score_dataset(list(zip(relabelled, truths, strict=True)), names, radius_px,
                                regions=regions)
         aware = float(np.mean([c.total_f1 for c in report.class_aware]))
@@ -111,7 +106,7 @@ def tune_class_gain(dets: Sequence[Detections], truths: Sequence,
     for _ in range(rounds):
         changed = False
         for k in range(len(classes)):
-            for g in GAINS:
+            for g in gains:
                 trial = (*gain[:k], g, *gain[k + 1:])
                 if trial == gain:
                     continue
