@@ -141,13 +141,14 @@ def with_overrides(rec, overrides: Sequence[str]):
 def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: Path, *,
             device: str | None = None, base: int | None = None,
             overrides: Sequence[str] = (), model: str = "s-drdin", init: str = "none",
-            train_images: int | None = None) -> dict:
+            train_images: int | None = None, model_mpp: float | None = None) -> dict:
     """Train with a time budget as ``qpcell train`` does, predict the test images, score.
 
     ``init`` is the starting weights (``builtin``, ``none`` or a model folder; default
     ``none``, as ``qpcell train``). ``train_images``: train (and validate) on only this many
     of the training images, drawn by the seed, as a user with a few annotated tiles does;
-    the test images stay all of them."""
+    the test images stay all of them. ``model_mpp``: the scale the model works at (µm/px;
+    default the paper's 0.44, as ``qpcell train``)."""
     from qpcell.checkpoint import load_model
     from qpcell.config import PAPER_MPP
     from qpcell.io.slides import open_slide
@@ -161,18 +162,20 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
         pick = np.random.default_rng(seed).choice(len(split.trainval), train_images,
                                                   replace=False)
         split = replace(split, trainval=[split.trainval[i] for i in sorted(pick)])
-    source_mpp, info = estimate_source_mpp(split.trainval, PAPER_MPP, None)
+    work_mpp = model_mpp or PAPER_MPP
+    source_mpp, info = estimate_source_mpp(split.trainval, work_mpp, None)
     # The matching radius at the model's scale: the same distance in the tissue as at test.
-    model_px = split.radius_px * (source_mpp / PAPER_MPP if source_mpp else 1.0)
+    model_px = split.radius_px * (source_mpp / work_mpp if source_mpp else 1.0)
     kwargs = dict(rec.model_kwargs)
     if base:
         kwargs["base"] = base
     tag = ("" if init == "none" else f"-init-{Path(init).name}") + (
-        "" if train_images is None else f"-{train_images}images")
+        "" if train_images is None else f"-{train_images}images") + (
+        "" if model_mpp is None else f"-{model_mpp:g}mpp")
     out = workdir / f"{split.name}-{model}-{recipe_name}-{minutes:g}min-seed{seed}{tag}"
     t0 = time.perf_counter()
     result = train(split.trainval, split.classes, out, model_name=model,
-                   model_kwargs=kwargs, model_mpp=PAPER_MPP,
+                   model_kwargs=kwargs, model_mpp=work_mpp,
                    train_cfg=replace(rec.train, seed=seed, time_budget_s=minutes * 60),
                    mask_cfg=rec.mask, patch_cfg=rec.patch, post_cfg=rec.post,
                    match_radius_px=model_px, init=init,
@@ -195,6 +198,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
                 f" ({train_images} images)" if train_images is not None else ""),
             "dataset": split.name, "minutes": minutes, "seed": seed, "recipe": recipe_name,
             "model": model, "init": init, "train_images": len(split.trainval),
+            "model_mpp": work_mpp,
             "train_seconds": train_s, "predict_seconds": time.perf_counter() - t1,
             "rounds": len(result.history), "best_round": result.best_epoch,
             "steps": int(sum(h.steps for h in result.history)), "patches": result.n_patches,
@@ -255,6 +259,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--train-images", type=int, default=None, help="train and validate on "
                    "only N of the training images, drawn by the seed (a user with a few "
                    "annotated tiles); the test images stay all of them")
+    p.add_argument("--model-mpp", type=float, default=None, help="the scale the model works "
+                   "at, µm/px (default: the paper's 0.44, as qpcell train)")
     p.add_argument("--workdir", type=Path, default=Path("runs/time-to-accuracy"))
     p.add_argument("--cache", type=Path, default=Path("runs/data-cache"),
                    help="where the resampled EndoNuke copies are written")
@@ -307,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 run = run_one(split, m, seed, args.recipe, args.workdir, device=args.device,
                               base=4 if args.smoke else args.base, overrides=args.set,
                               model=args.model, init=args.init,
-                              train_images=args.train_images)
+                              train_images=args.train_images, model_mpp=args.model_mpp)
                 runs.append(run)
                 s = run["scores"]
                 print(f"{name} {m:g} min seed {seed}: detection F1 {s['detection_f1']:.3f} "

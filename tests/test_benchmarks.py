@@ -354,19 +354,22 @@ def test_class_gains_tunes_each_grid_on_validation_and_scores_test(endonuke, tmp
     assert rows[0]["scores"]["detection_f1"] == rows[1]["scores"]["detection_f1"]
 
 
-def test_time_to_accuracy_trains_on_a_few_images_drawn_by_the_seed(endonuke, tmp_path,
-                                                                   monkeypatch):
+def test_time_to_accuracy_trains_on_a_few_images_drawn_by_the_seed_at_a_chosen_scale(
+        endonuke, tmp_path, monkeypatch):
     from qpcell.checkpoint import read_config
 
     monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
     tta = load_script("time_to_accuracy")
     result = tta.main(["--smoke", "--datasets", "endonuke", "--minutes", "0.1", "--seeds", "0",
                        "--train-images", "4", "--workdir", str(tmp_path / "runs"),
-                       "--cache", str(tmp_path / "cache"), "--device", "cpu"])
+                       "--cache", str(tmp_path / "cache"), "--device", "cpu",
+                       "--model-mpp", "0.66"])
     (run,) = result["runs"]
     assert run["train_images"] == 4 and run["method"] == "endonuke 0.1 min (4 images)"
+    assert run["model_mpp"] == 0.66
     split = tta.load_split("endonuke", endonuke.parent, tmp_path / "cache", max_trainval=6)
     (folder,) = (tmp_path / "runs").iterdir()
+    assert read_config(folder)["mpp"] == 0.66  # the model works at the scale asked for
     training = read_config(folder)["training"]
     used = training["train_images"] + training["val_images"]
     assert len(used) == 4 and set(used) <= {a.name for a in split.trainval}
