@@ -140,7 +140,7 @@ def with_overrides(rec, overrides: Sequence[str]):
 
 def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: Path, *,
             device: str | None = None, base: int | None = None,
-            overrides: Sequence[str] = (), model: str = "s-drdin", init: str = "none",
+            overrides: Sequence[str] = (), model: str | None = None, init: str = "none",
             train_images: int | None = None, model_mpp: float | None = None) -> dict:
     """Train with a time budget as ``qpcell train`` does, predict the test images, score.
 
@@ -154,9 +154,10 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     from qpcell.io.slides import open_slide
     from qpcell.metrics import score_dataset
     from qpcell.predict import Predictor, predict_slide
-    from qpcell.recipe import recipe
+    from qpcell.recipe import default_model, recipe
     from qpcell.train import estimate_source_mpp, train
 
+    model = model or default_model(recipe_name)
     rec = with_overrides(recipe(recipe_name, model), overrides)
     if train_images is not None:
         pick = np.random.default_rng(seed).choice(len(split.trainval), train_images,
@@ -247,8 +248,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--recipe", default="fast", help="fast (qpcell train's default) or paper")
     p.add_argument("--device", default=None)
-    p.add_argument("--model", default="s-drdin", help="s-drdin (default) or another "
-                   "single model of the registry, e.g. unet")
+    p.add_argument("--model", default=None, help="a single model of the registry, e.g. "
+                   "s-drdin (default: the recipe's, as qpcell train: unet for fast, s-drdin "
+                   "for paper)")
     p.add_argument("--set", action="append", default=[], metavar="PART.FIELD=VALUE",
                    help="change one setting of the recipe (repeatable), e.g. "
                    "patch.class_balance=0 or model.det_dice=0")

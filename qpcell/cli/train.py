@@ -22,7 +22,7 @@ from qpcell.cli._app import app, console, print_note
 from qpcell.config import PAPER_MPP, SAMPLINGS, SELECT_ON, TrainConfig
 from qpcell.device import PRECISIONS
 from qpcell.errors import QpcellError
-from qpcell.recipe import DEFAULT_BUDGET_MIN, RECIPES, recipe
+from qpcell.recipe import DEFAULT_BUDGET_MIN, RECIPES, default_model, recipe
 from qpcell.train import EpochSummary, TrainCallbacks, TrainResult
 from qpcell.train_guard import prepare_model_folder, training_notes
 
@@ -138,6 +138,25 @@ def run_training(source_classes, images, out: Path, model: str, *, show: bool = 
                        det.n_patches + cls.n_patches, det.seconds + cls.seconds)
 
 
+def implied_model(recipe_name: str, init: Path | None, resumed: Path | None) -> str:
+    """The network to train when ``--model`` is not given.
+
+    The one of the run being resumed (``resumed``: its model folder), else the one of the
+    starting model (``init``: a model folder), else the recipe's
+    (:data:`qpcell.recipe.DEFAULT_MODELS`).
+    """
+    from qpcell.checkpoint import CONFIG, read_config
+
+    if resumed is not None and (resumed / "detection").is_dir():
+        return SEPARATE
+    for folder in (resumed, init):
+        if folder is not None and (folder / CONFIG).exists():
+            name = read_config(folder).get("model", {}).get("name")
+            if isinstance(name, str):
+                return name
+    return default_model(recipe_name)
+
+
 class _NoProgress:
     def __enter__(self):
         return None
@@ -151,10 +170,13 @@ def train_command(
     source: Path = typer.Argument(..., help="GeoJSON project folder, or a QuPath project "
                                   "(project.qpproj)."),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
-    model: str = typer.Option("s-drdin", "--model", "-m",
-                              help="s-drdin, s-drdin-gradient, drdin-detection, "
-                                   "drdin-classification, unet, mtl-ihc, or 'separate' "
-                                   "(drdin-detection + drdin-classification)."),
+    model: str | None = typer.Option(None, "--model", "-m",
+                                     help="unet, s-drdin, s-drdin-gradient, drdin-detection, "
+                                          "drdin-classification, mtl-ihc, or 'separate' "
+                                          "(drdin-detection + drdin-classification). Default: "
+                                          "unet with --recipe fast (it learns most in minutes "
+                                          "on a CPU), s-drdin with --recipe paper; with "
+                                          "--init MODEL or --resume, that model's network."),
     recipe_name: str = typer.Option("fast", "--recipe", help="'fast' (default): the settings "
                                     "that learn most in minutes (qpcell.recipe); 'paper': "
                                     "S-DRDIN 2.2-2.3 / paper 003 as published. The options "
@@ -252,11 +274,12 @@ def train_command(
     model_mpp_value = parse_mpp(model_mpp)
     from qpcell.pretrained import resolve_init
 
+    if recipe_name not in RECIPES:
+        raise QpcellError(f"--recipe {recipe_name!r}: choose from {', '.join(RECIPES)}")
+    model = model or implied_model(recipe_name, resolve_init(init), out if resume else None)
     if resolve_init(init) is not None and model == MTL:  # a wrong folder fails here, early
         raise QpcellError("--init is for the S-DRDIN family and the U-Net; mtl-ihc trains its "
                           "own prior model")
-    if recipe_name not in RECIPES:
-        raise QpcellError(f"--recipe {recipe_name!r}: choose from {', '.join(RECIPES)}")
     rec = recipe(recipe_name, model)
     if epochs is not None and time_budget is not None:
         raise QpcellError("give --epochs or --time-budget, not both")
