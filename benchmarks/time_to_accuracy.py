@@ -209,8 +209,8 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
 
 
 def plot(runs: Sequence[dict], path: Path) -> None:
-    """Detection, weighted and class-aware F1 against minutes, one line per dataset and
-    starting model (mean and sample std over the seeds; n = seeds per point)."""
+    """Detection, weighted and class-aware F1 against minutes, one line per dataset, network
+    and starting model (mean and sample std over the seeds; n = seeds per point)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,13 +219,16 @@ def plot(runs: Sequence[dict], path: Path) -> None:
     keys = (("detection_f1", "detection F1"), ("weighted_f1", "weighted class F1"),
             ("mean_class_aware_f1", "mean class-aware F1"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    lines = dict.fromkeys((r["dataset"], r.get("init", "none")) for r in runs)
+    def line(r: dict) -> tuple[str, str, str]:
+        return r["dataset"], r.get("model", "s-drdin"), r.get("init") or "none"
+
+    lines = dict.fromkeys(line(r) for r in runs)
     for ax, (key, title) in zip(axes, keys, strict=True):
-        for ds, init in lines:
-            mine = [r for r in runs if r["dataset"] == ds and r.get("init", "none") == init]
+        for ds, model, init in lines:
+            mine = [r for r in runs if line(r) == (ds, model, init)]
             mins = sorted({r["minutes"] for r in mine})
             vals = [[r["scores"][key] for r in mine if r["minutes"] == m] for m in mins]
-            label = ds + ("" if init == "none" else f" from {Path(init).name}")
+            label = f"{ds} {model}" + ("" if init == "none" else f" from {Path(init).name}")
             ax.errorbar(mins, [np.mean(v) for v in vals],
                         yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
                         marker="o", capsize=3,

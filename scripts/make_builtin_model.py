@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         from time_to_accuracy import load_split, run_one
 
         split = load_split("endonuke", data_root(), Path("runs/data-cache"))
-        run = run_one(split, args.minutes, args.seed, "fast", args.workdir)
+        run = run_one(split, args.minutes, args.seed, "fast", args.workdir, model="s-drdin")
         source = args.workdir / f"endonuke-s-drdin-fast-{args.minutes:g}min-seed{args.seed}"
         scores = run["scores"]
     else:

@@ -172,20 +172,20 @@ def test_demo_runs_end_to_end(cli, tmp_path):
     assert "detection F1" in stdout
 
 
-def test_train_without_model_takes_the_recipes_network_or_the_one_it_continues(
+def test_train_without_model_takes_the_default_network_or_the_one_it_continues(
         cli, project, model, tmp_path):
     from qpcell.cli.train import implied_model
 
-    out = tmp_path / "fast"
-    code, _, stderr = cli("train", project, "--out", out, "--base", "4", "--epochs", "1",
-                          "--max-steps", "2", "--patch-size", "64", "--model-mpp", "native",
-                          "--device", "cpu")
+    out = tmp_path / "unet"
+    code, _, stderr = cli("train", project, "--out", out, "--model", "unet", "--base", "4",
+                          "--epochs", "1", "--max-steps", "2", "--patch-size", "64",
+                          "--model-mpp", "native", "--device", "cpu")
     assert code == 0, stderr
     assert json.loads((out / "config.json").read_text())["model"]["name"] == "unet"
-    assert implied_model("paper", None, None) == "s-drdin"
-    # a starting model or a resumed run keeps its own network (the tiny model is an S-DRDIN)
-    assert implied_model("fast", model, None) == "s-drdin"
-    assert implied_model("fast", None, model) == "s-drdin"
+    assert implied_model("fast", None, None) == implied_model("paper", None, None) == "s-drdin"
+    # a starting model or a resumed run keeps its own network
+    assert implied_model("fast", out, None) == "unet"
     assert implied_model("fast", None, out) == "unet"
+    assert implied_model("fast", None, model) == "s-drdin"
     (tmp_path / "sep" / "detection").mkdir(parents=True)
     assert implied_model("fast", None, tmp_path / "sep") == "separate"

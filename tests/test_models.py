@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qpcell.errors import QpcellError
-from qpcell.losses import bce_loss, weighted_cross_entropy
+from qpcell.losses import bce_loss, cross_entropy, weighted_cross_entropy
 from qpcell.masks import sdrdin_targets
 from qpcell.models import MODEL_NAMES, count_parameters, create_model, gmacs
 from qpcell.models.sdrdin import SDRDIN, default_dense
@@ -162,6 +162,20 @@ def test_stop_gradient_default_keeps_trunk_path():
     weighted_cross_entropy(out["cls_logits"], _targets(batch=2)["cls"]).backward()
     assert all(v > 0 for v in _encoder_grads(m))
     assert all(p.grad is None for p in m.det_decoder.parameters())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_unet_loss_is_plain_or_class_weighted_cross_entropy(weighted):
+    torch.manual_seed(0)
+    t = _targets(batch=2)
+    m = create_model("unet", C, base=4, class_weighted=weighted)
+    out = m(torch.rand(2, 3, 32, 32))
+    total, parts = m.loss(out, t)
+    expected = (weighted_cross_entropy if weighted else cross_entropy)(out["cls_logits"], t["cls"])
+    assert torch.isclose(total, expected) and parts == {"ce": float(expected.detach())}
+    assert not torch.isclose(total, (cross_entropy if weighted else weighted_cross_entropy)(
+        out["cls_logits"], t["cls"]))
+    assert create_model(**m.spec()).class_weighted is weighted
 
 
 def test_gmacs_counts_conv_and_transposed_conv():

@@ -286,12 +286,24 @@ def test_a_time_budget_ends_on_time_with_the_schedule_run_out(tmp_path):
     assert config["model"]["batch_norm"] is True
 
 
+def test_each_recipe_names_the_network_it_trains():
+    from qpcell.errors import QpcellError
+    from qpcell.recipe import default_model, recipe
+
+    assert default_model("fast") == default_model("paper") == "s-drdin"
+    assert recipe("fast") == recipe("fast", "s-drdin")
+    assert recipe("fast").model_kwargs["det_dice"] == 1.0
+    assert "det_dice" not in recipe("fast", "unet").model_kwargs  # no detection head
+    with pytest.raises(QpcellError, match="unknown recipe 'quick'"):
+        recipe("quick")
+
+
 def test_fast_recipe_loss_falls_and_model_finds_its_cells(tmp_path):
     from qpcell.recipe import recipe
 
     torch.manual_seed(0)
     classes, data = tiny_data(8, 128)
-    rec = recipe("fast", "s-drdin")
+    rec = recipe("fast")
     calls = Recorder()
     result = train([], classes, tmp_path / "m", model_kwargs={**rec.model_kwargs, "base": 8},
                    model_mpp=None, prepared=data, val_names=[data[0].name], callbacks=calls,

@@ -24,13 +24,11 @@ def demo_command(
                                   "train's fast recipe)."),
     train_images: int = typer.Option(8, help="Synthetic training + validation images."),
     test_images: int = typer.Option(3, help="Held-back synthetic test images."),
-    base: int | None = typer.Option(None, help="Network width (default: the network's own, "
-                                    "16 for the U-Net qpcell train uses)."),
+    base: int = typer.Option(8, help="S-DRDIN width (the paper's is 16)."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str | None = typer.Option(None, help="cpu, cuda, mps (default: best available)."),
 ) -> None:
-    """Generate synthetic mIHC images, train a model as `qpcell train` does, predict held-back
-    images, evaluate."""
+    """Generate synthetic mIHC images, train S-DRDIN, predict held-back images, evaluate."""
     from qpcell.cli.evaluate import render_report
     from qpcell.cli.predict import run_prediction
     from qpcell.cli.train import run_training
@@ -38,7 +36,7 @@ def demo_command(
     from qpcell.io.project import read_project
     from qpcell.io.sources import load_source
     from qpcell.metrics import score_dataset
-    from qpcell.recipe import default_model, recipe
+    from qpcell.recipe import recipe
     from qpcell.synthetic import write_synthetic_project
     from qpcell.train import TrainingInterrupted
     from qpcell.train_guard import prepare_model_folder
@@ -52,16 +50,14 @@ def demo_command(
                             mpp=DEMO_MPP, prefix="test")
     console.print(f"{train_images} training and {test_images} test images in {out / 'data'}")
 
-    network = default_model("fast")
-    console.rule(f"2. train a {network} for {minutes:g} min")
+    console.rule(f"2. train S-DRDIN for {minutes:g} min")
     classes, images = load_source(data)
     model_dir = out / "model"
-    fast = recipe("fast", network)
-    width = {} if base is None else {"base": base}
+    fast = recipe("fast", "s-drdin")
     prepare_model_folder(model_dir, overwrite=True)  # the demo's own folder: start afresh
     try:
-        run_training(classes, images, model_dir, network,
-                     model_kwargs={**fast.model_kwargs, **width}, model_mpp=DEMO_MPP,
+        run_training(classes, images, model_dir, "s-drdin",
+                     model_kwargs={**fast.model_kwargs, "base": base}, model_mpp=DEMO_MPP,
                      device=device, mask_cfg=fast.mask, patch_cfg=fast.patch,
                      post_cfg=fast.post,
                      train_cfg=replace(fast.train, time_budget_s=minutes * 60, seed=seed))

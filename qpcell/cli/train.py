@@ -171,12 +171,11 @@ def train_command(
                                   "(project.qpproj)."),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
     model: str | None = typer.Option(None, "--model", "-m",
-                                     help="unet, s-drdin, s-drdin-gradient, drdin-detection, "
-                                          "drdin-classification, mtl-ihc, or 'separate' "
+                                     help="s-drdin, s-drdin-gradient, drdin-detection, "
+                                          "drdin-classification, unet, mtl-ihc, or 'separate' "
                                           "(drdin-detection + drdin-classification). Default: "
-                                          "unet with --recipe fast (it learns most in minutes "
-                                          "on a CPU), s-drdin with --recipe paper; with "
-                                          "--init MODEL or --resume, that model's network."),
+                                          "s-drdin; with --init MODEL or --resume, that "
+                                          "model's network."),
     recipe_name: str = typer.Option("fast", "--recipe", help="'fast' (default): the settings "
                                     "that learn most in minutes (qpcell.recipe); 'paper': "
                                     "S-DRDIN 2.2-2.3 / paper 003 as published. The options "

@@ -6,8 +6,11 @@ between levels; decoder: 2x2 transposed conv, concatenate the same-level encoder
 so the output has the input's size. No batch normalisation by default (``batch_norm=True`` adds
 it after every conv). Defaults (base 16, depth 4: 16-32-64-128) mirror S-DRDIN's encoder widths;
 the model is smaller than S-DRDIN, as in the paper, where the U-Net trained fastest (Table A.4).
-Trained with plain, unweighted cross-entropy on the 7-channel class map; detection map =
-``1 - p(background)``.
+Trained with plain, unweighted cross-entropy on the C + 1 channel class map, as the paper's
+baseline and the fast recipe, or (``class_weighted=True``) with S-DRDIN's pixel-weighted
+cross-entropy, in which every class of the batch counts alike (with the plain loss the
+background's pixels dominate and the classes are learnt late; docs/RESULTS.md, "Demo").
+Detection map = ``1 - p(background)``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from qpcell.errors import QpcellError
-from qpcell.losses import cross_entropy
+from qpcell.losses import cross_entropy, weighted_cross_entropy
 from qpcell.models.blocks import DoubleConv, glorot_init, up2
 from qpcell.models.sdrdin import classification_maps
 
@@ -29,7 +32,8 @@ class UNet(nn.Module):
     class_layers = ("head.",)
 
     def __init__(self, n_classes: int, *, base: int = 16, depth: int = 4,
-                 batch_norm: bool = False, in_channels: int = 3) -> None:
+                 batch_norm: bool = False, in_channels: int = 3,
+                 class_weighted: bool = False) -> None:
         super().__init__()
         if n_classes < 1 or base < 1 or depth < 2:
             raise QpcellError(f"invalid U-Net settings: n_classes={n_classes}, base={base}, "
@@ -39,7 +43,8 @@ class UNet(nn.Module):
         self.multiple = 2 ** (depth - 1)
         self._spec = {"name": "unet", "n_classes": int(n_classes), "base": int(base),
                       "depth": int(depth), "batch_norm": bool(batch_norm),
-                      "in_channels": int(in_channels)}
+                      "in_channels": int(in_channels), "class_weighted": bool(class_weighted)}
+        self.class_weighted = bool(class_weighted)
         widths = [base * 2**i for i in range(depth)]
         cins = [in_channels, *widths[:-1]]
         self.down = nn.ModuleList(DoubleConv(c, w, batch_norm=batch_norm)
@@ -69,8 +74,10 @@ class UNet(nn.Module):
         return classification_maps(out["cls_logits"], self.n_classes)
 
     def loss(self, out: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        """Plain, unweighted softmax cross-entropy against the ``"cls"`` target."""
-        ce = cross_entropy(out["cls_logits"], targets["cls"])
+        """Softmax cross-entropy against the ``"cls"`` target: plain, or with S-DRDIN's pixel
+        weights (every class in the batch counts alike) when ``class_weighted``."""
+        loss = weighted_cross_entropy if self.class_weighted else cross_entropy
+        ce = loss(out["cls_logits"], targets["cls"])
         return ce, {"ce": float(ce.detach())}
 
     def spec(self) -> dict:
