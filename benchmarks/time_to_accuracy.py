@@ -219,6 +219,7 @@ def plot(runs: Sequence[dict], path: Path) -> None:
     keys = (("detection_f1", "detection F1"), ("weighted_f1", "weighted class F1"),
             ("mean_class_aware_f1", "mean class-aware F1"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+
     def line(r: dict) -> tuple[str, str, str]:
         return r["dataset"], r.get("model", "s-drdin"), r.get("init") or "none"
 
@@ -252,8 +253,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--recipe", default="fast", help="fast (qpcell train's default) or paper")
     p.add_argument("--device", default=None)
     p.add_argument("--model", default=None, help="a single model of the registry, e.g. "
-                   "s-drdin (default: the recipe's, as qpcell train: unet for fast, s-drdin "
-                   "for paper)")
+                   "unet (default: the recipe's network, as qpcell train: s-drdin)")
     p.add_argument("--set", action="append", default=[], metavar="PART.FIELD=VALUE",
                    help="change one setting of the recipe (repeatable), e.g. "
                    "patch.class_balance=0 or model.det_dice=0")
