@@ -275,8 +275,9 @@ def train_command(
 
     if recipe_name not in RECIPES:
         raise QpcellError(f"--recipe {recipe_name!r}: choose from {', '.join(RECIPES)}")
-    model = model or implied_model(recipe_name, resolve_init(init), out if resume else None)
-    if resolve_init(init) is not None and model == MTL:  # a wrong folder fails here, early
+    start = resolve_init(init)  # a wrong folder fails here, early
+    model = model or implied_model(recipe_name, start, out if resume else None)
+    if start is not None and model == MTL:
         raise QpcellError("--init is for the S-DRDIN family and the U-Net; mtl-ihc trains its "
                           "own prior model")
     rec = recipe(recipe_name, model)
