@@ -83,6 +83,43 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
+def cell_balanced_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Softmax cross-entropy in which the cell classes count alike among the cells, while the
+    detection (cell against background) is learnt as with the plain loss (the fast recipe's
+    U-Net).
+
+    A pixel's plain loss ``-log p_c`` splits into a detection term, ``-log p(cell)`` (or
+    ``-log p(background)``), and a class term, ``-log p(c | cell) = -log p_c + log p(cell)``.
+    Only the class term is weighted: a pixel of cell class ``c`` by ``n_cell / (C_present *
+    n_c)``, with ``n_c`` the pixels of class ``c`` in the batch, ``n_cell`` those of all cell
+    classes and ``C_present`` the cell classes present. So a rare class among the cells weighs
+    as much as a common one, and the detection map (``1 - p(background)``) gets the plain
+    loss's gradient, whatever the classes. With one cell class (or none) in the batch it *is*
+    the plain loss.
+
+    Parameters
+    ----------
+    logits, target
+        ``(B, K, H, W)`` class scores and one-hot (or soft) class map, background last.
+
+    Returns
+    -------
+    Tensor
+        Scalar ``(sum_i det_i + sum_c w_c sum_i y_ic (-log p(c | cell)_i)) / (B H W)``.
+    """
+    b, k, h, w = target.shape
+    logp = F.log_softmax(logits.float(), dim=1)
+    log_cell = torch.logsumexp(logp[:, :-1], dim=1)
+    y_cells = target[:, :-1]
+    det = -(y_cells.sum(dim=1) * log_cell + target[:, -1] * logp[:, -1]).sum()
+    cls_c = -(y_cells * (logp[:, :-1] - log_cell[:, None])).sum(dim=(0, 2, 3))  # (C,)
+    n_c = class_pixel_counts(y_cells)
+    present = n_c > 0
+    share = n_c.sum() / present.sum().clamp_min(1)
+    weights = torch.where(present, share / n_c.clamp_min(1e-12), torch.zeros_like(n_c))
+    return (det + (weights * cls_c).sum()) / (b * h * w)
+
+
 def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
     """Binary cross-entropy of a sigmoid map (S-DRDIN detection branch), mean over pixels."""
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())
@@ -131,4 +168,5 @@ def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 __all__ = ["class_pixel_counts", "pixel_class_weights", "weighted_cross_entropy",
-           "cross_entropy", "bce_loss", "map_bce_loss", "soft_iou_loss", "l1_loss"]
+           "cross_entropy", "cell_balanced_cross_entropy", "bce_loss", "map_bce_loss",
+           "soft_iou_loss", "l1_loss"]

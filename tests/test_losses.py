@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from qpcell.losses import (
     bce_loss,
+    cell_balanced_cross_entropy,
     cross_entropy,
     l1_loss,
     map_bce_loss,
@@ -71,6 +72,45 @@ def test_weighted_ce_absent_class_gives_no_nan():
     # only background in the batch: still finite
     bg = _one_hot(torch.full((1, 3, 3), 3), 4)
     assert torch.isfinite(weighted_cross_entropy(torch.randn(1, 4, 3, 3), bg))
+
+
+def test_cell_balanced_ce_weighs_cell_classes_alike_and_detection_as_plain_ce():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    idx = torch.full((2, 3, 3), 3)  # background (last channel) everywhere but:
+    idx[0, 0, :] = 0  # 3 px of class 0
+    idx[1, 2, 2] = 1  # 1 px of class 1; class 2 absent
+    y = _one_hot(idx, 4).double()
+    got = cell_balanced_cross_entropy(logits, y)
+    # by hand, per pixel: -log p(cell or background) + w_c * -log p(c | cell), with
+    # w_c = 4 cell px / (2 present classes * n_c)
+    p = F.softmax(logits.detach(), dim=1)
+    weight = {0: 4 / (2 * 3), 1: 4 / (2 * 1)}
+    total = 0.0
+    for bi, r, c in np.ndindex(2, 3, 3):
+        k = int(idx[bi, r, c])
+        cell = p[bi, :3, r, c].sum()
+        if k == 3:
+            total -= math.log(p[bi, 3, r, c])
+        else:
+            total -= math.log(cell) + weight[k] * math.log(p[bi, k, r, c] / cell)
+    assert math.isclose(got.item(), total / 18, rel_tol=1e-6)
+    got.backward()
+    assert torch.isfinite(logits.grad).all()
+    # the detection map's gradient is the plain loss's: d/d(logit) of p(cell) summed over
+    # classes, i.e. the gradient on a common shift of the cell logits, is the same
+    logits2 = logits.detach().clone().requires_grad_(True)
+    cross_entropy(logits2, y).backward()
+    shift = logits.grad[:, :3].sum(dim=1)
+    assert torch.allclose(shift, logits2.grad[:, :3].sum(dim=1), atol=1e-9)
+    assert not torch.allclose(logits.grad, logits2.grad)
+    # one cell class, or none, in the batch: the plain cross-entropy
+    one = _one_hot(torch.where(idx == 1, 0, idx), 4).double()
+    assert math.isclose(cell_balanced_cross_entropy(logits, one).item(),
+                        cross_entropy(logits, one).item(), rel_tol=1e-6)
+    bg = _one_hot(torch.full((2, 3, 3), 3), 4).double()
+    assert math.isclose(cell_balanced_cross_entropy(logits, bg).item(),
+                        cross_entropy(logits, bg).item(), rel_tol=1e-6)
 
 
 def test_plain_ce_and_bce():

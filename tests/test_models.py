@@ -11,7 +11,12 @@ import torch
 from torch import nn
 
 from qpcell.errors import QpcellError
-from qpcell.losses import bce_loss, cross_entropy, weighted_cross_entropy
+from qpcell.losses import (
+    bce_loss,
+    cell_balanced_cross_entropy,
+    cross_entropy,
+    weighted_cross_entropy,
+)
 from qpcell.masks import sdrdin_targets
 from qpcell.models import MODEL_NAMES, count_parameters, create_model, gmacs
 from qpcell.models.sdrdin import SDRDIN, default_dense
@@ -28,9 +33,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _targets(n_classes=C, size=32, batch=1):
+def _targets(n_classes=C, size=32, batch=1, labels=None):
     xy = np.array([[8.0, 8.0], [20.0, 12.0], [12.0, 25.0]])
-    t = sdrdin_targets(xy, np.arange(3) % n_classes, n_classes, (size, size))
+    labels = np.arange(3) % n_classes if labels is None else np.asarray(labels)
+    t = sdrdin_targets(xy, labels, n_classes, (size, size))
     return {k: torch.from_numpy(v)[None].repeat(batch, 1, 1, 1) for k, v in t.items()}
 
 
@@ -164,18 +170,26 @@ def test_stop_gradient_default_keeps_trunk_path():
     assert all(p.grad is None for p in m.det_decoder.parameters())
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_unet_loss_is_plain_or_class_weighted_cross_entropy(weighted):
+@pytest.mark.parametrize("weights", ["none", "batch", "cells"])
+def test_unet_loss_is_cross_entropy_weighted_as_asked(weights):
     torch.manual_seed(0)
-    t = _targets(batch=2)
-    m = create_model("unet", C, base=4, class_weighted=weighted)
+    t = _targets(batch=2, labels=[0, 0, 1])  # imbalanced, else "cells" is plain
+    m = create_model("unet", C, base=4, class_weights=weights)
     out = m(torch.rand(2, 3, 32, 32))
     total, parts = m.loss(out, t)
-    expected = (weighted_cross_entropy if weighted else cross_entropy)(out["cls_logits"], t["cls"])
+    losses = {"none": cross_entropy, "batch": weighted_cross_entropy,
+              "cells": cell_balanced_cross_entropy}
+    expected = losses[weights](out["cls_logits"], t["cls"])
     assert torch.isclose(total, expected) and parts == {"ce": float(expected.detach())}
-    assert not torch.isclose(total, (cross_entropy if weighted else weighted_cross_entropy)(
-        out["cls_logits"], t["cls"]))
-    assert create_model(**m.spec()).class_weighted is weighted
+    assert not any(torch.isclose(total, f(out["cls_logits"], t["cls"]))
+                   for name, f in losses.items() if name != weights)
+    assert create_model(**m.spec()).class_weights == weights
+
+
+def test_unet_class_weights_are_checked_and_the_old_flag_still_loads():
+    assert create_model("unet", C, base=4, class_weighted=True).class_weights == "batch"
+    with pytest.raises(QpcellError, match="class_weights='pixels'"):
+        create_model("unet", C, base=4, class_weights="pixels")
 
 
 def test_gmacs_counts_conv_and_transposed_conv():

@@ -6,11 +6,19 @@ between levels; decoder: 2x2 transposed conv, concatenate the same-level encoder
 so the output has the input's size. No batch normalisation by default (``batch_norm=True`` adds
 it after every conv). Defaults (base 16, depth 4: 16-32-64-128) mirror S-DRDIN's encoder widths;
 the model is smaller than S-DRDIN, as in the paper, where the U-Net trained fastest (Table A.4).
-Trained with plain, unweighted cross-entropy on the C + 1 channel class map, as the paper's
-baseline and the fast recipe, or (``class_weighted=True``) with S-DRDIN's pixel-weighted
-cross-entropy, in which every class of the batch counts alike (with the plain loss the
-background's pixels dominate and the classes are learnt late; docs/RESULTS.md, "Demo").
-Detection map = ``1 - p(background)``.
+Trained with a softmax cross-entropy on the C + 1 channel class map, its pixels weighted by
+``class_weights`` (:data:`CLASS_WEIGHTS`):
+
+* ``"none"``: plain, unweighted, as the paper's baseline;
+* ``"batch"``: S-DRDIN's pixel weights (eq. 1), every class of the batch, the background too,
+  counts alike;
+* ``"cells"``: the cell classes count alike among the cell pixels, the background as in the
+  plain loss (:func:`qpcell.losses.cell_balanced_cross_entropy`).
+
+With the plain loss the common classes dominate and a rare one can stay unlearnt for minutes;
+with ``"batch"`` the background weighs as little as the rarest class and the detection map
+loses precision (docs/RESULTS.md, "The network for a budget"). Detection map =
+``1 - p(background)``.
 """
 
 from __future__ import annotations
@@ -19,9 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from qpcell.errors import QpcellError
-from qpcell.losses import cross_entropy, weighted_cross_entropy
+from qpcell.losses import cell_balanced_cross_entropy, cross_entropy, weighted_cross_entropy
 from qpcell.models.blocks import DoubleConv, glorot_init, up2
 from qpcell.models.sdrdin import classification_maps
+
+#: Pixel weightings of the U-Net's cross-entropy (see the module docstring).
+CLASS_WEIGHTS = {"none": cross_entropy, "batch": weighted_cross_entropy,
+                 "cells": cell_balanced_cross_entropy}
 
 
 class UNet(nn.Module):
@@ -33,18 +45,21 @@ class UNet(nn.Module):
 
     def __init__(self, n_classes: int, *, base: int = 16, depth: int = 4,
                  batch_norm: bool = False, in_channels: int = 3,
-                 class_weighted: bool = False) -> None:
+                 class_weights: str = "none", class_weighted: bool = False) -> None:
         super().__init__()
-        if n_classes < 1 or base < 1 or depth < 2:
+        if class_weighted:  # the option's first, boolean form: S-DRDIN's weights
+            class_weights = "batch"
+        if n_classes < 1 or base < 1 or depth < 2 or class_weights not in CLASS_WEIGHTS:
             raise QpcellError(f"invalid U-Net settings: n_classes={n_classes}, base={base}, "
-                              f"depth={depth}")
+                              f"depth={depth}, class_weights={class_weights!r} (one of "
+                              f"{', '.join(CLASS_WEIGHTS)})")
         self.name = "unet"
         self.n_classes = n_classes
         self.multiple = 2 ** (depth - 1)
         self._spec = {"name": "unet", "n_classes": int(n_classes), "base": int(base),
                       "depth": int(depth), "batch_norm": bool(batch_norm),
-                      "in_channels": int(in_channels), "class_weighted": bool(class_weighted)}
-        self.class_weighted = bool(class_weighted)
+                      "in_channels": int(in_channels), "class_weights": class_weights}
+        self.class_weights = class_weights
         widths = [base * 2**i for i in range(depth)]
         cins = [in_channels, *widths[:-1]]
         self.down = nn.ModuleList(DoubleConv(c, w, batch_norm=batch_norm)
@@ -74,10 +89,8 @@ class UNet(nn.Module):
         return classification_maps(out["cls_logits"], self.n_classes)
 
     def loss(self, out: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        """Softmax cross-entropy against the ``"cls"`` target: plain, or with S-DRDIN's pixel
-        weights (every class in the batch counts alike) when ``class_weighted``."""
-        loss = weighted_cross_entropy if self.class_weighted else cross_entropy
-        ce = loss(out["cls_logits"], targets["cls"])
+        """Softmax cross-entropy against the ``"cls"`` target, weighted by ``class_weights``."""
+        ce = CLASS_WEIGHTS[self.class_weights](out["cls_logits"], targets["cls"])
         return ce, {"ce": float(ce.detach())}
 
     def spec(self) -> dict:
@@ -85,4 +98,4 @@ class UNet(nn.Module):
         return dict(self._spec)
 
 
-__all__ = ["UNet"]
+__all__ = ["CLASS_WEIGHTS", "UNet"]
