@@ -47,7 +47,7 @@ default forward is the ``"torch"`` backend (channels-last, bf16 autocast) and th
 is the module itself, batched, without autocast: batching and mixed precision are then read
 off the same table.
 
-The model is ``--model`` (a folder from ``qpcell train``), by default the default S-DRDIN
+The model is ``--model`` (a folder from ``qpcell train``), by default an S-DRDIN
 (base 16) briefly trained on EndoNuke (``.cache/bench/model-endonuke``, trained here when
 missing: a few epochs, so that its maps, and so the post-processing time, look like a real
 model's; throughput itself does not depend on training).
@@ -208,7 +208,7 @@ def conv_reference(repeats: int = 3, size: int = 512, channels: int = 64,
 
 # --------------------------------------------------------------------------- inputs
 def ensure_model(path: Path, epochs: int, steps: int) -> tuple[Path, str]:
-    """A model folder at ``path``: reused, or a default S-DRDIN briefly trained here."""
+    """A model folder at ``path``: reused, or an S-DRDIN (base 16) briefly trained here."""
     from qpcell.checkpoint import read_config
 
     if (path / "config.json").is_file():

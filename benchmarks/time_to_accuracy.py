@@ -198,7 +198,8 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
                 f" from {init}" if init != "none" else "") + (
                 f" ({train_images} images)" if train_images is not None else ""),
             "dataset": split.name, "minutes": minutes, "seed": seed, "recipe": recipe_name,
-            "model": model, "init": init, "train_images": len(split.trainval),
+            "model": model, "model_spec": bundle.meta.get("model"), "init": init,
+            "train_images": len(split.trainval),
             "model_mpp": work_mpp,
             "train_seconds": train_s, "predict_seconds": time.perf_counter() - t1,
             "rounds": len(result.history), "best_round": result.best_epoch,
@@ -210,7 +211,8 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
 
 def plot(runs: Sequence[dict], path: Path) -> None:
     """Detection, weighted and class-aware F1 against minutes, one line per dataset, network
-    and starting model (mean and sample std over the seeds; n = seeds per point)."""
+    (with its loss weighting where it has one) and starting model (mean and sample std over
+    the seeds; n = seeds per point)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +223,10 @@ def plot(runs: Sequence[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
 
     def line(r: dict) -> tuple[str, str, str]:
-        return r["dataset"], r.get("model", "s-drdin"), r.get("init") or "none"
+        model = r.get("model", "s-drdin")
+        weights = (r.get("model_spec") or {}).get("class_weights")
+        return (r["dataset"], model if weights is None else f"{model} ({weights} weights)",
+                r.get("init") or "none")
 
     lines = dict.fromkeys(line(r) for r in runs)
     for ax, (key, title) in zip(axes, keys, strict=True):
@@ -253,7 +258,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--recipe", default="fast", help="fast (qpcell train's default) or paper")
     p.add_argument("--device", default=None)
     p.add_argument("--model", default=None, help="a single model of the registry, e.g. "
-                   "unet (default: the recipe's network, as qpcell train: s-drdin)")
+                   "s-drdin (default: the recipe's network, as in qpcell train: unet for "
+                   "fast, s-drdin for paper)")
     p.add_argument("--set", action="append", default=[], metavar="PART.FIELD=VALUE",
                    help="change one setting of the recipe (repeatable), e.g. "
                    "patch.class_balance=0 or model.det_dice=0")

@@ -6,8 +6,9 @@ constant learning rate, 2 px discs, the stride-120 grid, flips, epochs. ``fast``
 scanners and pixel sizes it was not built for. Each of its changes was measured on its own
 (docs/RESULTS.md, "Time to accuracy"):
 
-* larger label discs (4 px at 0.44 µm/px, about a nucleus radius) and a Dice term on the
-  detection map, so that the map becomes confident within minutes;
+* larger label discs (4 px at 0.44 µm/px, about a nucleus radius) and, for the networks with
+  a detection decoder (S-DRDIN), a Dice term on the detection map, so that the map becomes
+  confident within minutes;
 * batch normalisation in the network, a short warm-up and a cosine schedule that reaches 0 at
   the end of the run (epochs or time budget);
 * windows centred near annotated cells (rare classes drawn more often), 128 px, batch 8, drawn
@@ -20,12 +21,14 @@ scanners and pixel sizes it was not built for. Each of its changes was measured 
   (``--colour-jitter 1``) is there for stains unlike the training images, but did not help on
   the held-out images of the same stain, so it is off by default.
 
-Both recipes train S-DRDIN unless ``--model`` names another network (:data:`DEFAULT_MODELS`).
-With the fast recipe the plain U-Net (``--model unet``) takes 3.5 times S-DRDIN's steps in a
-budget and scored higher on EndoNuke at 5 and 10 minutes and level on NuCLS, but with its plain
-cross-entropy a one-minute run on the demo's four phenotypes never learnt one of them, and with
-S-DRDIN's class-weighted loss (``class_weighted``) it lost detection F1 on EndoNuke
-(docs/RESULTS.md, "The network for a budget"); so it is not the default yet.
+The fast recipe trains the plain U-Net (:data:`DEFAULT_MODELS`): its step costs a third of
+S-DRDIN's, so it takes three times the steps in a budget, and it scored higher on EndoNuke at 5
+and 10 minutes and level on NuCLS (H&E). Its loss weights the cell classes alike among the
+cells and leaves the detection term as in the plain cross-entropy
+(:func:`qpcell.losses.cell_balanced_cross_entropy`): with the plain loss a one-minute run on the
+demo's four phenotypes never learnt one of them, and with S-DRDIN's weights (the background
+one class among all) it lost detection F1 on EndoNuke (docs/RESULTS.md, "The network for a
+budget"). ``paper`` trains S-DRDIN; ``--model`` names any other network.
 
 A recipe only chooses settings: every one of them stays a flag of ``qpcell train``.
 """
@@ -39,7 +42,7 @@ from qpcell.errors import QpcellError
 
 RECIPES = ("fast", "paper")
 #: The network each recipe trains when ``--model`` is not given.
-DEFAULT_MODELS = {"fast": "s-drdin", "paper": "s-drdin"}
+DEFAULT_MODELS = {"fast": "unet", "paper": "s-drdin"}
 #: What ``qpcell train`` does when neither ``--epochs`` nor ``--time-budget`` is given (minutes).
 DEFAULT_BUDGET_MIN = 10.0
 
@@ -86,7 +89,7 @@ def recipe(name: str, model_name: str | None = None) -> Recipe:
         if model_name != "drdin-classification":
             kwargs["det_dice"] = 1.0
     elif model_name == "unet":
-        kwargs = {"batch_norm": True}
+        kwargs = {"batch_norm": True, "class_weights": "cells"}
     # the fast maps leave smaller blobs than the paper's: start the area search at 10 px
     post = replace(PostprocessConfig(), min_area_px=10.0)
     return Recipe("fast", train, mask, patch, kwargs, post)

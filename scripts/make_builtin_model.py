@@ -1,7 +1,7 @@
 """Make qpcell's built-in starting model (``qpcell/builtin/ihc-nuclei``) from EndoNuke.
 
-The model is what ``qpcell train`` (fast recipe, S-DRDIN) gives after ``--minutes`` of training
-on the EndoNuke split of ``benchmarks/time_to_accuracy.py``: the training + validation two
+The model is what ``qpcell train --model s-drdin`` (fast recipe) gives after ``--minutes`` of
+training on the EndoNuke split of ``benchmarks/time_to_accuracy.py``: the training + validation two
 thirds only, so that the test third stays unseen for measuring ``--init builtin``. Its
 weights, ``config.json`` and a model card (data, licence, attribution, scores) are written to
 the package.
@@ -34,8 +34,9 @@ is fitted to the user's classes (kept only when they are EndoNuke's own, in the 
 Measured (docs/RESULTS.md, "Starting from the built-in model"): it helps on IHC like its own
 (DAB + haematoxylin), and it did not help on H&E (NuCLS).
 
-- **Architecture**: S-DRDIN (Chen et al.), width {base}, batch normalisation, as
-  `qpcell.recipe.recipe("fast")` builds it; {n_params:,} parameters; works at {mpp} µm/px.
+- **Architecture**: S-DRDIN (Chen et al.), width {base}, batch normalisation,
+  as `qpcell.recipe.recipe("fast", "s-drdin")` builds it;
+  {n_params:,} parameters; works at {mpp} µm/px.
 - **Classes**: {classes}.
 - **Training**: `qpcell train` with the fast recipe, a {minutes:g}-minute budget, seed {seed},
   on {n_train} EndoNuke images (+ {n_val} for validation): the benchmark split's training and

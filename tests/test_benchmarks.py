@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from qpcell.recipe import default_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -313,6 +315,7 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
         assert run["overrides"] == ["patch.class_balance=0"]
         assert 0.0 <= run["scores"]["detection_f1"] <= 1.0
         assert run["source_mpp"]["how"] == "estimated"
+        assert run["model"] == run["model_spec"]["name"] == default_model("fast")  # as train
     # the 2x copy is twice as fine: its estimated pixel size is about half
     ratio = runs["endonuke-x2"]["source_mpp"]["value"] / runs["endonuke"]["source_mpp"]["value"]
     assert ratio == pytest.approx(0.5, rel=0.15)

@@ -164,7 +164,10 @@ def test_demo_runs_end_to_end(cli, tmp_path):
     code, stdout, stderr = cli("demo", "--out", out, "--minutes", "0.1", "--train-images", "2",
                                "--test-images", "1", "--device", "cpu")
     assert code == 0, stderr
-    assert (out / "model" / "config.json").exists()
+    from qpcell.recipe import default_model
+
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["model"]["name"] == default_model("fast")  # what qpcell train trains
     assert (out / "predictions" / "test-000.geojson").exists()
     assert (out / "predictions" / "test-000.overlay.png").exists()
     scores = json.loads((out / "evaluation.json").read_text())
@@ -177,12 +180,14 @@ def test_train_without_model_takes_the_default_network_or_the_one_it_continues(
     from qpcell.cli.train import implied_model
 
     out = tmp_path / "unet"
-    code, _, stderr = cli("train", project, "--out", out, "--model", "unet", "--base", "4",
+    code, _, stderr = cli("train", project, "--out", out, "--base", "4",
                           "--epochs", "1", "--max-steps", "2", "--patch-size", "64",
                           "--model-mpp", "native", "--device", "cpu")
     assert code == 0, stderr
-    assert json.loads((out / "config.json").read_text())["model"]["name"] == "unet"
-    assert implied_model("fast", None, None) == implied_model("paper", None, None) == "s-drdin"
+    spec = json.loads((out / "config.json").read_text())["model"]
+    assert spec["name"] == "unet" and spec["class_weights"] == "cells"  # the fast recipe's
+    assert implied_model("fast", None, None) == "unet"
+    assert implied_model("paper", None, None) == "s-drdin"
     # a starting model or a resumed run keeps its own network
     assert implied_model("fast", out, None) == "unet"
     assert implied_model("fast", None, out) == "unet"

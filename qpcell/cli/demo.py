@@ -24,11 +24,14 @@ def demo_command(
                                   "train's fast recipe)."),
     train_images: int = typer.Option(8, help="Synthetic training + validation images."),
     test_images: int = typer.Option(3, help="Held-back synthetic test images."),
-    base: int = typer.Option(8, help="S-DRDIN width (the paper's is 16)."),
+    model: str | None = typer.Option(None, help="Network to train (default: the fast "
+                                     "recipe's, as in qpcell train)."),
+    base: int = typer.Option(8, help="Network width: channels of its first level (the "
+                             "papers' is 16)."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str | None = typer.Option(None, help="cpu, cuda, mps (default: best available)."),
 ) -> None:
-    """Generate synthetic mIHC images, train S-DRDIN, predict held-back images, evaluate."""
+    """Generate synthetic mIHC images, train a model, predict held-back images, evaluate."""
     from qpcell.cli.evaluate import render_report
     from qpcell.cli.predict import run_prediction
     from qpcell.cli.train import run_training
@@ -36,7 +39,7 @@ def demo_command(
     from qpcell.io.project import read_project
     from qpcell.io.sources import load_source
     from qpcell.metrics import score_dataset
-    from qpcell.recipe import recipe
+    from qpcell.recipe import default_model, recipe
     from qpcell.synthetic import write_synthetic_project
     from qpcell.train import TrainingInterrupted
     from qpcell.train_guard import prepare_model_folder
@@ -50,13 +53,14 @@ def demo_command(
                             mpp=DEMO_MPP, prefix="test")
     console.print(f"{train_images} training and {test_images} test images in {out / 'data'}")
 
-    console.rule(f"2. train S-DRDIN for {minutes:g} min")
+    model = model or default_model("fast")
+    console.rule(f"2. train {model} for {minutes:g} min")
     classes, images = load_source(data)
     model_dir = out / "model"
-    fast = recipe("fast", "s-drdin")
+    fast = recipe("fast", model)
     prepare_model_folder(model_dir, overwrite=True)  # the demo's own folder: start afresh
     try:
-        run_training(classes, images, model_dir, "s-drdin",
+        run_training(classes, images, model_dir, model,
                      model_kwargs={**fast.model_kwargs, "base": base}, model_mpp=DEMO_MPP,
                      device=device, mask_cfg=fast.mask, patch_cfg=fast.patch,
                      post_cfg=fast.post,

@@ -174,8 +174,8 @@ def train_command(
                                      help="s-drdin, s-drdin-gradient, drdin-detection, "
                                           "drdin-classification, unet, mtl-ihc, or 'separate' "
                                           "(drdin-detection + drdin-classification). Default: "
-                                          "s-drdin; with --init MODEL or --resume, that "
-                                          "model's network."),
+                                          "the recipe's (fast: unet, paper: s-drdin); with "
+                                          "--init MODEL or --resume, that model's network."),
     recipe_name: str = typer.Option("fast", "--recipe", help="'fast' (default): the settings "
                                     "that learn most in minutes (qpcell.recipe); 'paper': "
                                     "S-DRDIN 2.2-2.3 / paper 003 as published. The options "

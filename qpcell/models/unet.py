@@ -12,8 +12,9 @@ Trained with a softmax cross-entropy on the C + 1 channel class map, its pixels 
 * ``"none"``: plain, unweighted, as the paper's baseline;
 * ``"batch"``: S-DRDIN's pixel weights (eq. 1), every class of the batch, the background too,
   counts alike;
-* ``"cells"``: the cell classes count alike among the cell pixels, the background as in the
-  plain loss (:func:`qpcell.losses.cell_balanced_cross_entropy`).
+* ``"cells"``: only the class term, ``-log p(c | cell)``, is weighted, so that the cell
+  classes count alike among the cell pixels; the detection term (cell against background) is
+  the plain loss's (:func:`qpcell.losses.cell_balanced_cross_entropy`).
 
 With the plain loss the common classes dominate and a rare one can stay unlearnt for minutes;
 with ``"batch"`` the background weighs as little as the rarest class and the detection map
