@@ -293,8 +293,8 @@ def test_each_recipe_names_the_network_it_trains():
     assert default_model("fast") == "unet" and default_model("paper") == "s-drdin"
     assert recipe("fast") == recipe("fast", "unet")
     assert recipe("fast").model_kwargs == {"batch_norm": True, "class_weights": "cells"}
-    assert recipe("fast", "s-drdin").model_kwargs["det_dice"] == 1.0  # the U-Net has no
-    # detection head for a Dice term
+    # S-DRDIN's detection decoder gets the Dice term; the U-Net has no such head
+    assert recipe("fast", "s-drdin").model_kwargs["det_dice"] == 1.0
     assert recipe("paper") == recipe("paper", "s-drdin")
     with pytest.raises(QpcellError, match="unknown recipe 'quick'"):
         recipe("quick")
