@@ -83,7 +83,8 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
-def cell_balanced_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+def cell_balanced_cross_entropy(logits: Tensor, target: Tensor,
+                                class_target: Tensor | None = None) -> Tensor:
     """Softmax cross-entropy in which the cell classes count alike among the cells, while the
     detection (cell against background) is learnt as with the plain loss (the fast recipe's
     U-Net).
@@ -97,10 +98,17 @@ def cell_balanced_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     loss's gradient, whatever the classes. With one cell class (or none) in the batch it *is*
     the plain loss.
 
+    ``class_target`` (``(B, K - 1, H, W)``, one-hot over the cell classes) puts the class term
+    on other pixels than the cells of ``target``, e.g. on wider discs than the detection's
+    (``UNet(class_region=...)``); its weights are scaled so that the class term weighs as much
+    as on ``target``'s cell pixels.
+
     Parameters
     ----------
     logits, target
         ``(B, K, H, W)`` class scores and one-hot (or soft) class map, background last.
+    class_target
+        Where the class term applies, and which class; default ``target``'s cell classes.
 
     Returns
     -------
@@ -112,10 +120,11 @@ def cell_balanced_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     log_cell = torch.logsumexp(logp[:, :-1], dim=1)
     y_cells = target[:, :-1]
     det = -(y_cells.sum(dim=1) * log_cell + target[:, -1] * logp[:, -1]).sum()
-    cls_c = -(y_cells * (logp[:, :-1] - log_cell[:, None])).sum(dim=(0, 2, 3))  # (C,)
-    n_c = class_pixel_counts(y_cells)
+    y_cls = y_cells if class_target is None else class_target.to(y_cells.dtype)
+    cls_c = -(y_cls * (logp[:, :-1] - log_cell[:, None])).sum(dim=(0, 2, 3))  # (C,)
+    n_c = class_pixel_counts(y_cls)
     present = n_c > 0
-    share = n_c.sum() / present.sum().clamp_min(1)
+    share = y_cells.sum() / present.sum().clamp_min(1)
     weights = torch.where(present, share / n_c.clamp_min(1e-12), torch.zeros_like(n_c))
     return (det + (weights * cls_c).sum()) / (b * h * w)
 

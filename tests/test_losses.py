@@ -113,6 +113,39 @@ def test_cell_balanced_ce_weighs_cell_classes_alike_and_detection_as_plain_ce():
                         cross_entropy(logits, bg).item(), rel_tol=1e-6)
 
 
+def test_cell_balanced_ce_puts_the_class_term_on_a_class_target_of_equal_weight():
+    torch.manual_seed(4)
+    logits = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    idx = torch.full((2, 3, 3), 3)
+    idx[0, 0, :] = 0  # detection discs: 3 px of class 0, 1 px of class 1
+    idx[1, 2, 2] = 1
+    y = _one_hot(idx, 4).double()
+    assert math.isclose(cell_balanced_cross_entropy(logits, y, y[:, :3]).item(),
+                        cell_balanced_cross_entropy(logits, y).item(), rel_tol=1e-12)
+    wide = torch.zeros(2, 3, 3, 3, dtype=torch.float64)  # wider class discs: 6 px and 4 px
+    wide[0, 0, :2, :] = 1
+    wide[1, 1, 1:, 1:] = 1
+    got = cell_balanced_cross_entropy(logits, y, wide)
+    # the class term on the wide discs, weighted by 4 detection px / (2 classes * n_c wide)
+    p = F.softmax(logits.detach(), dim=1)
+    weight = {0: 4 / (2 * 6), 1: 4 / (2 * 4)}
+    total = 0.0
+    for bi, r, c in np.ndindex(2, 3, 3):
+        k = int(idx[bi, r, c])
+        cell = p[bi, :3, r, c].sum()
+        total -= math.log(cell if k < 3 else p[bi, 3, r, c])
+        for cls in (0, 1):
+            if wide[bi, cls, r, c]:
+                total -= weight[cls] * math.log(p[bi, cls, r, c] / cell)
+    assert math.isclose(got.item(), total / 18, rel_tol=1e-6)
+    # the detection map still learns from the detection discs alone
+    got.backward()
+    logits2 = logits.detach().clone().requires_grad_(True)
+    cross_entropy(logits2, y).backward()
+    assert torch.allclose(logits.grad[:, :3].sum(dim=1), logits2.grad[:, :3].sum(dim=1),
+                          atol=1e-9)
+
+
 def test_plain_ce_and_bce():
     torch.manual_seed(2)
     logits = torch.randn(2, 5, 4, 4)

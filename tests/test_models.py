@@ -192,6 +192,31 @@ def test_unet_class_weights_are_checked_and_the_old_flag_still_loads():
         create_model("unet", C, base=4, class_weights="pixels")
 
 
+def test_unet_class_region_trains_the_classes_on_wider_discs():
+    m = create_model("unet", C, base=4, class_weights="cells", class_region=2.0)
+    make = m.target_fn(3.0)
+    xy, labels = np.array([[10.0, 10.0], [22.0, 12.0]]), np.array([0, 1])
+    t = make(xy, labels, (32, 32))
+    assert t["cls_region"].shape == (C, 32, 32)
+    narrow, wide = t["cls"][:C].sum(axis=(1, 2)), t["cls_region"].sum(axis=(1, 2))
+    assert (narrow > 0).tolist() == (wide > 0).tolist() == [True, True, False]
+    # discs of radius 6 instead of 3 (about 4x the pixels); where they meet, the nearest wins
+    assert np.all(wide >= 3.3 * narrow) and t["cls_region"].sum(axis=0).max() == 1
+    assert np.array_equal(t["cls"], create_model("unet", C, base=4).target_fn(3.0)(
+        xy, labels, (32, 32))["cls"])
+    batch = {k: torch.from_numpy(v)[None] for k, v in t.items()}
+    out = m(torch.rand(1, 3, 32, 32))
+    total, _ = m.loss(out, batch)
+    assert torch.isclose(total, cell_balanced_cross_entropy(out["cls_logits"], batch["cls"],
+                                                            batch["cls_region"]))
+    assert not torch.isclose(total, cell_balanced_cross_entropy(out["cls_logits"], batch["cls"]))
+    assert create_model(**m.spec()).class_region == 2.0
+    for bad in ({"class_region": 0.5, "class_weights": "cells"},
+                {"class_region": 2.0, "class_weights": "none"}):
+        with pytest.raises(QpcellError, match="class_region"):
+            create_model("unet", C, base=4, **bad)
+
+
 def test_gmacs_counts_conv_and_transposed_conv():
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2),
                       nn.Flatten(), nn.Linear(4 * 32 * 32, 10))

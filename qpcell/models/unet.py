@@ -16,6 +16,10 @@ Trained with a softmax cross-entropy on the C + 1 channel class map, its pixels 
   classes count alike among the cell pixels; the detection term (cell against background) is
   the plain loss's (:func:`qpcell.losses.cell_balanced_cross_entropy`).
 
+``class_region`` (> 1, with ``"cells"``) puts the class term on discs that many times wider
+than the detection's, each pixel going to its nearest point: the class decoder then learns from
+the whole nucleus and its rim, the detection map still from the central disc.
+
 With the plain loss the common classes dominate and a rare one can stay unlearnt for minutes;
 with ``"batch"`` the background weighs as little as the rarest class and the detection map
 loses precision (docs/RESULTS.md, "The network for a budget"). Detection map =
@@ -24,10 +28,12 @@ loses precision (docs/RESULTS.md, "The network for a budget"). Detection map =
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from qpcell.errors import QpcellError
+from qpcell.masks import sdrdin_targets
 from qpcell.losses import cell_balanced_cross_entropy, cross_entropy, weighted_cross_entropy
 from qpcell.models.blocks import DoubleConv, glorot_init, up2
 from qpcell.models.sdrdin import classification_maps
@@ -46,21 +52,26 @@ class UNet(nn.Module):
 
     def __init__(self, n_classes: int, *, base: int = 16, depth: int = 4,
                  batch_norm: bool = False, in_channels: int = 3,
-                 class_weights: str = "none", class_weighted: bool = False) -> None:
+                 class_weights: str = "none", class_weighted: bool = False,
+                 class_region: float = 1.0) -> None:
         super().__init__()
         if class_weighted:  # the option's first, boolean form: S-DRDIN's weights
             class_weights = "batch"
-        if n_classes < 1 or base < 1 or depth < 2 or class_weights not in CLASS_WEIGHTS:
+        if (n_classes < 1 or base < 1 or depth < 2 or class_weights not in CLASS_WEIGHTS
+                or not class_region >= 1 or (class_region > 1 and class_weights != "cells")):
             raise QpcellError(f"invalid U-Net settings: n_classes={n_classes}, base={base}, "
                               f"depth={depth}, class_weights={class_weights!r} (one of "
-                              f"{', '.join(CLASS_WEIGHTS)})")
+                              f"{', '.join(CLASS_WEIGHTS)}), class_region={class_region} "
+                              "(at least 1; above 1 only with class_weights='cells')")
         self.name = "unet"
         self.n_classes = n_classes
         self.multiple = 2 ** (depth - 1)
         self._spec = {"name": "unet", "n_classes": int(n_classes), "base": int(base),
                       "depth": int(depth), "batch_norm": bool(batch_norm),
-                      "in_channels": int(in_channels), "class_weights": class_weights}
+                      "in_channels": int(in_channels), "class_weights": class_weights,
+                      "class_region": float(class_region)}
         self.class_weights = class_weights
+        self.class_region = float(class_region)
         widths = [base * 2**i for i in range(depth)]
         cins = [in_channels, *widths[:-1]]
         self.down = nn.ModuleList(DoubleConv(c, w, batch_norm=batch_norm)
@@ -89,9 +100,28 @@ class UNet(nn.Module):
         """``(det = 1 - p(background) (B,H,W), cls (B,C,H,W))``."""
         return classification_maps(out["cls_logits"], self.n_classes)
 
+    def target_fn(self, radius_px: float):
+        """``(xy, labels, (h, w)) -> targets``: S-DRDIN's ``"cls"`` and ``"det"`` on discs of
+        ``radius_px``, and with ``class_region > 1`` ``"cls_region"`` (``(C, h, w)``, one-hot
+        on discs ``class_region`` times wider)."""
+        n, wide = self.n_classes, radius_px * self.class_region
+
+        def targets(xy, labels, shape) -> dict[str, np.ndarray]:
+            out = sdrdin_targets(xy, labels, n, shape, radius_px)
+            if self.class_region > 1:
+                out["cls_region"] = sdrdin_targets(xy, labels, n, shape, wide)["cls"][:n]
+            return out
+
+        return targets
+
     def loss(self, out: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        """Softmax cross-entropy against the ``"cls"`` target, weighted by ``class_weights``."""
-        ce = CLASS_WEIGHTS[self.class_weights](out["cls_logits"], targets["cls"])
+        """Softmax cross-entropy against the ``"cls"`` target, weighted by ``class_weights``
+        (the class term on ``"cls_region"`` when the targets have it)."""
+        if "cls_region" in targets:
+            ce = cell_balanced_cross_entropy(out["cls_logits"], targets["cls"],
+                                             targets["cls_region"])
+        else:
+            ce = CLASS_WEIGHTS[self.class_weights](out["cls_logits"], targets["cls"])
         return ce, {"ce": float(ce.detach())}
 
     def spec(self) -> dict:
