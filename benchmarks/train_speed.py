@@ -14,12 +14,14 @@ Patches are EndoNuke tiles (``$QPCELL_DATA`` or ``../shared/data``) with their S
 or synthetic mIHC images when the data is absent. The models take turns batch by batch
 (round robin), so a change in machine load hits them alike; the median step time is used.
 Data loading is not timed. Each model runs in every precision of ``--precisions`` (default
-``fp32,auto``: float32, and what ``qpcell train`` uses here, i.e. bf16 autocast + channels-last
-where the hardware has native bf16, see ``qpcell.device.autocast_dtype``), in the same round
-robin. Runs in a few minutes on 2 CPU cores.
+``fp32,auto``: float32, and what ``qpcell train`` uses here, i.e. bf16 autocast where the
+hardware has native bf16, see ``qpcell.device.autocast_dtype``) and every memory layout of
+``--layouts`` (default ``train``: what ``qpcell train`` uses, ``qpcell.device.training_layout``;
+``nchw,channels-last`` compares the two), in the same round robin. Runs in a few minutes on 2
+CPU cores.
 
 Usage: python benchmarks/train_speed.py [--json FILE] [--size 224] [--batches 10]
-                                        [--precisions fp32,auto]
+                                        [--precisions fp32,auto] [--layouts train]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
 MODELS = ("s-drdin", "drdin-detection", "drdin-classification", "unet")
+LAYOUTS = ("train", "nchw", "channels-last")
 #: S-DRDIN Table A.4: hours for 100 epochs.
 PAPER_HOURS = {"s-drdin": 0.12, "separate": 0.16, "unet": 0.09}
 
@@ -87,14 +90,19 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     p.add_argument("--precisions", default="fp32,auto",
                    help="comma-separated training precisions (fp32, bf16, auto)")
+    p.add_argument("--layouts", default="train",
+                   help="comma-separated memory layouts (train, nchw, channels-last)")
     p.add_argument("--json", type=Path, help="write the figures to this file")
     args = p.parse_args(argv)
-    args.precisions = list(dict.fromkeys(x for x in args.precisions.split(",") if x))
+    precisions = list(dict.fromkeys(x for x in args.precisions.split(",") if x))
+    layouts = list(dict.fromkeys(x for x in args.layouts.split(",") if x))
+    if not set(layouts) <= set(LAYOUTS):
+        p.error(f"--layouts: choose from {', '.join(LAYOUTS)}")
     if args.size % 16 or args.batches < 1 or args.batch_size < 1 or args.warmup < 0:
         p.error("--size must be a multiple of 16; --batches, --batch-size >= 1")
     import torch
 
-    from qpcell.device import autocast_dtype, pick_device
+    from qpcell.device import autocast_dtype, pick_device, training_layout
     from qpcell.models import count_parameters, create_model
 
     if args.threads:
@@ -106,14 +114,20 @@ def main(argv=None) -> dict:
     batches = [(x[i:i + args.batch_size], {k: v[i:i + args.batch_size]
                                            for k, v in targets.items()})
                for i in range(0, len(x), args.batch_size)]
-    amps = {pr: autocast_dtype(device, pr) for pr in args.precisions}
+    formats = {"train": training_layout(device), "nchw": torch.contiguous_format,
+               "channels-last": torch.channels_last}
+    # one configuration a precision and layout, named by the precision alone when one layout
+    configs = {(pr if len(layouts) == 1 else f"{pr} {lay}"): (autocast_dtype(device, pr),
+                                                              formats[lay])
+               for pr in precisions for lay in layouts}
+    args.precisions = list(configs)
+    amps = {pr: amp for pr, (amp, _) in configs.items()}
     runs = [(pr, name) for pr in args.precisions for name in MODELS]
     models, optims = {}, {}
     for pr, name in runs:
         torch.manual_seed(0)
-        layout = torch.contiguous_format if amps[pr] is None else torch.channels_last
         models[pr, name] = create_model(name, n_classes).to(device).train().to(
-            memory_format=layout)
+            memory_format=configs[pr][1])
         optims[pr, name] = torch.optim.Adam(models[pr, name].parameters(), lr=1e-3)
     times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     load_start = os.getloadavg()
@@ -123,7 +137,7 @@ def main(argv=None) -> dict:
         tb = {k: v.to(device) for k, v in tb.items()}
         for pr, name in runs:  # round robin: load changes hit every model alike
             model, opt, amp = models[pr, name], optims[pr, name], amps[pr]
-            x_in = xb if amp is None else xb.contiguous(memory_format=torch.channels_last)
+            x_in = xb.contiguous(memory_format=configs[pr][1])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -152,6 +166,7 @@ def main(argv=None) -> dict:
                             "parameters": rows["drdin-detection"]["parameters"]
                             + rows["drdin-classification"]["parameters"]}
         by_precision[pr] = {"autocast": str(amps[pr]) if amps[pr] else "none (float32)",
+                            "layout": str(configs[pr][1]).removeprefix("torch."),
                             "models": rows,
                             "s_drdin_over_separate_time": rows["s-drdin"]["seconds_per_batch"]
                             / sep}
@@ -175,7 +190,7 @@ def main(argv=None) -> dict:
     print(f"{args.size}x{args.size} patches, batch {args.batch_size}, median of {args.batches} "
           f"steps, {device}, {torch.get_num_threads()} threads; {source}")
     for pr, block in by_precision.items():
-        print(f" precision {pr} (autocast: {block['autocast']})")
+        print(f" precision {pr} (autocast: {block['autocast']}, {block['layout']})")
         for name, row in block["models"].items():
             gain = f"  {speedups[pr][name]:.2f}x {first}" if pr in speedups else ""
             print(f"  {name:22s} {row['patches_per_second']:7.2f} patches/s  "

@@ -47,7 +47,7 @@ from qpcell.config import (
     TrainConfig,
     to_dict,
 )
-from qpcell.device import autocast_dtype
+from qpcell.device import autocast_dtype, training_layout
 from qpcell.distributed import barrier, broadcast, default_loader_settings, setup, shard, wrap
 from qpcell.errors import Interrupted, QpcellError
 from qpcell.io.atomic import atomic_open
@@ -380,7 +380,7 @@ def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, mo
     # An unknown schedule, sampling or model selection fails now, not after the first round.
     lr_at(0.0, train_cfg.lr, train_cfg.lr_schedule, train_cfg.warmup)
     selection_key(0.0, 0.0, train_cfg.select_on)
-    layout = torch.channels_last if amp is not None else torch.contiguous_format
+    layout = training_layout(ctx.device)
     model.to(memory_format=layout)
     make_targets = getattr(model, "target_fn", None)
     n = len(classes)

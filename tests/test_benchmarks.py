@@ -120,6 +120,7 @@ def test_train_speed_compares_joint_and_separate_training(tmp_path, monkeypatch)
     saved = json.loads(out.read_text(encoding="utf-8"))
     assert saved["precisions"].keys() == {"fp32", "bf16"}
     assert saved["precisions"]["bf16"]["autocast"] == "torch.bfloat16"
+    assert {b["layout"] for b in saved["precisions"].values()} == {"channels_last"}
     for block in result["precisions"].values():
         rows = block["models"]
         assert set(rows) == {"s-drdin", "drdin-detection", "drdin-classification", "unet",
@@ -133,6 +134,13 @@ def test_train_speed_compares_joint_and_separate_training(tmp_path, monkeypatch)
                   for k in ("fp32", "bf16"))
     assert result["speedup_over_fp32"]["bf16"]["unet"] == pytest.approx(fp32 / bf16)
     assert "synthetic" in result["patches"] and result["paper_ratio"] == pytest.approx(0.75)
+    layouts = speed.main(["--size", "32", "--batches", "1", "--warmup", "0", "--threads", "1",
+                          "--precisions", "fp32", "--layouts", "nchw,channels-last"])
+    assert {k: b["layout"] for k, b in layouts["precisions"].items()} == {
+        "fp32 nchw": "contiguous_format", "fp32 channels-last": "channels_last"}
+    assert set(layouts["speedup_over_fp32 nchw"]) == {"fp32 channels-last"}
+    with pytest.raises(SystemExit):
+        speed.main(["--layouts", "nhwc"])
 
 
 def untrained_endonuke_model(folder: Path, post, **meta) -> Path:

@@ -177,6 +177,14 @@ def test_precision_chooses_bf16_only_where_asked_or_native(monkeypatch):
         dev.autocast_dtype(cpu, "fp8")
 
 
+def test_models_train_channels_last_on_cpu_and_cuda_in_any_precision():
+    from qpcell.device import training_layout
+
+    assert training_layout(torch.device("cpu")) == torch.channels_last
+    assert training_layout(torch.device("cuda")) == torch.channels_last
+    assert training_layout(torch.device("mps")) == torch.contiguous_format
+
+
 def test_bf16_and_fp32_training_both_run_and_differ(tmp_path):
     classes, data = tiny_data(2, 96)
     losses = {}
