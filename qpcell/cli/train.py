@@ -205,9 +205,9 @@ def train_command(
                                        "validation images too, once the settings are "
                                        "chosen on them (0: never; fast: 0.3; paper: 0)."),
     seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
-    precision: str = typer.Option(TrainConfig.precision, help="'auto': bf16 autocast and "
-                                  "channels-last where the hardware computes bf16 natively "
-                                  "(CUDA, CPUs with AVX512-BF16/AMX); 'fp32'; 'bf16'."),
+    precision: str = typer.Option(TrainConfig.precision, help="'auto': bf16 autocast where "
+                                  "the hardware computes bf16 natively (CUDA, CPUs with "
+                                  "AVX512-BF16/AMX); 'fp32'; 'bf16'. Channels-last in any."),
     mpp: float | None = typer.Option(None, help="Pixel size (µm/px) of images that do not "
                                      "carry one (default: estimated from the size of the "
                                      "annotated nuclei, and printed)."),
