@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from qpcell.errors import QpcellError
-from qpcell.masks import sdrdin_targets
 from qpcell.losses import cell_balanced_cross_entropy, cross_entropy, weighted_cross_entropy
+from qpcell.masks import sdrdin_targets
 from qpcell.models.blocks import DoubleConv, glorot_init, up2
 from qpcell.models.sdrdin import classification_maps
 
