@@ -114,12 +114,14 @@ def main(argv=None) -> dict:
     batches = [(x[i:i + args.batch_size], {k: v[i:i + args.batch_size]
                                            for k, v in targets.items()})
                for i in range(0, len(x), args.batch_size)]
-    formats = {"train": training_layout(device), "nchw": torch.contiguous_format,
-               "channels-last": torch.channels_last}
+    formats = {"nchw": torch.contiguous_format, "channels-last": torch.channels_last}
     # one configuration a precision and layout, named by the precision alone when one layout
-    configs = {(pr if len(layouts) == 1 else f"{pr} {lay}"): (autocast_dtype(device, pr),
-                                                              formats[lay])
-               for pr in precisions for lay in layouts}
+    configs = {}
+    for pr in precisions:
+        amp = autocast_dtype(device, pr)
+        for lay in layouts:
+            layout = training_layout(device, amp) if lay == "train" else formats[lay]
+            configs[pr if len(layouts) == 1 else f"{pr} {lay}"] = (amp, layout)
     args.precisions = list(configs)
     amps = {pr: amp for pr, (amp, _) in configs.items()}
     runs = [(pr, name) for pr in args.precisions for name in MODELS]

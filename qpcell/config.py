@@ -100,8 +100,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int | None = None  # DataLoader workers; None = by device and cores
     # "auto": bfloat16 autocast where the hardware computes bf16 natively (CUDA; CPUs with
-    # AVX512-BF16 or AMX: about 2.5x faster steps here); "fp32" or "bf16". Any precision
-    # trains channels-last on CPU and CUDA (qpcell.device.training_layout).
+    # AVX512-BF16 or AMX: about 2.5x faster steps here), channels-last with it; "fp32" or
+    # "bf16" (qpcell.device.training_layout)
     precision: str = "auto"
     # Which epoch's model is kept. S-DRDIN 2.3 does not say; "detection" keeps the best
     # validation detection F1 (ties: weighted classification F1), "combined" the best mean of

@@ -78,15 +78,18 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
-def training_layout(device: torch.device) -> torch.memory_format:
-    """The memory format a model trains in on ``device``.
+def training_layout(device: torch.device, amp: torch.dtype | None) -> torch.memory_format:
+    """The memory format a model trains in: channels-last under autocast on CPUs and CUDA,
+    NCHW otherwise.
 
-    Channels-last on CPUs and CUDA, in float32 as under autocast: oneDNN and cuDNN run
-    convolutions in it without the layout reorders NCHW costs (a U-Net training step took 11%
-    less time in float32 on a 2-core AVX2 EPYC, docs/RESULTS.md "Training speed"). NCHW
-    elsewhere (MPS).
+    Channels-last float32 steps are 1.11-1.14x faster on a 2-core AVX2 EPYC, but on NuCLS
+    (5 minutes, six runs) detection F1 came out 0.04 lower than NCHW's, unexplained, so float32
+    keeps NCHW until that is understood (docs/RESULTS.md, "Channels-last in float32";
+    ``benchmarks/train_speed.py --layouts nchw,channels-last`` measures the speed).
     """
-    return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+    if amp is not None and device.type in ("cpu", "cuda"):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def describe(device: torch.device) -> str:

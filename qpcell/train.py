@@ -380,7 +380,7 @@ def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, mo
     # An unknown schedule, sampling or model selection fails now, not after the first round.
     lr_at(0.0, train_cfg.lr, train_cfg.lr_schedule, train_cfg.warmup)
     selection_key(0.0, 0.0, train_cfg.select_on)
-    layout = training_layout(ctx.device)
+    layout = training_layout(ctx.device, amp)
     model.to(memory_format=layout)
     make_targets = getattr(model, "target_fn", None)
     n = len(classes)

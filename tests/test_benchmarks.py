@@ -120,7 +120,8 @@ def test_train_speed_compares_joint_and_separate_training(tmp_path, monkeypatch)
     saved = json.loads(out.read_text(encoding="utf-8"))
     assert saved["precisions"].keys() == {"fp32", "bf16"}
     assert saved["precisions"]["bf16"]["autocast"] == "torch.bfloat16"
-    assert {b["layout"] for b in saved["precisions"].values()} == {"channels_last"}
+    assert {k: b["layout"] for k, b in saved["precisions"].items()} == {
+        "fp32": "contiguous_format", "bf16": "channels_last"}
     for block in result["precisions"].values():
         rows = block["models"]
         assert set(rows) == {"s-drdin", "drdin-detection", "drdin-classification", "unet",

@@ -177,12 +177,13 @@ def test_precision_chooses_bf16_only_where_asked_or_native(monkeypatch):
         dev.autocast_dtype(cpu, "fp8")
 
 
-def test_models_train_channels_last_on_cpu_and_cuda_in_any_precision():
+def test_models_train_channels_last_under_autocast_and_nchw_in_float32():
     from qpcell.device import training_layout
 
-    assert training_layout(torch.device("cpu")) == torch.channels_last
-    assert training_layout(torch.device("cuda")) == torch.channels_last
-    assert training_layout(torch.device("mps")) == torch.contiguous_format
+    for device in ("cpu", "cuda"):
+        assert training_layout(torch.device(device), torch.bfloat16) == torch.channels_last
+        assert training_layout(torch.device(device), None) == torch.contiguous_format
+    assert training_layout(torch.device("mps"), torch.bfloat16) == torch.contiguous_format
 
 
 def test_bf16_and_fp32_training_both_run_and_differ(tmp_path):

@@ -207,7 +207,7 @@ def train_command(
     seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
     precision: str = typer.Option(TrainConfig.precision, help="'auto': bf16 autocast where "
                                   "the hardware computes bf16 natively (CUDA, CPUs with "
-                                  "AVX512-BF16/AMX); 'fp32'; 'bf16'. Channels-last in any."),
+                                  "AVX512-BF16/AMX), channels-last; 'fp32'; 'bf16'."),
     mpp: float | None = typer.Option(None, help="Pixel size (µm/px) of images that do not "
                                      "carry one (default: estimated from the size of the "
                                      "annotated nuclei, and printed)."),
