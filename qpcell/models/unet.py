@@ -104,11 +104,11 @@ class UNet(nn.Module):
         """``(xy, labels, (h, w)) -> targets``: S-DRDIN's ``"cls"`` and ``"det"`` on discs of
         ``radius_px``, and with ``class_region > 1`` ``"cls_region"`` (``(C, h, w)``, one-hot
         on discs ``class_region`` times wider)."""
-        n, wide = self.n_classes, radius_px * self.class_region
+        n, wide = self.n_classes, radius_px * self.class_region  # values: the model stays out
 
         def targets(xy, labels, shape) -> dict[str, np.ndarray]:
             out = sdrdin_targets(xy, labels, n, shape, radius_px)
-            if self.class_region > 1:
+            if wide > radius_px:
                 out["cls_region"] = sdrdin_targets(xy, labels, n, shape, wide)["cls"][:n]
             return out
 
