@@ -119,6 +119,9 @@ class TrainConfig:
     # post-processing settings are chosen on the validation images just before (qpcell.train)
     refit_share: float = 0.0
     refit_max_images: int = 30
+    # Not in the papers: validate and keep an exponential moving average of the weights with
+    # this decay (warmed up, qpcell.ema); 0 validates and keeps the weights themselves
+    ema_decay: float = 0.0
 
 
 #: The rules for TrainConfig.select_on.

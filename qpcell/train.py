@@ -49,6 +49,7 @@ from qpcell.config import (
 )
 from qpcell.device import autocast_dtype, training_layout
 from qpcell.distributed import barrier, broadcast, default_loader_settings, setup, shard, wrap
+from qpcell.ema import make_ema
 from qpcell.errors import Interrupted, QpcellError
 from qpcell.io.atomic import atomic_open
 from qpcell.points import AnnotatedImage, CellClass
@@ -348,6 +349,13 @@ class Run:
     # set when the run's last stretch trains on every image (:func:`refits`): the round it
     # began after, and that round's settings and validation scores
     refit: dict | None = None
+    # the averaged weights that are validated and kept, when ``TrainConfig.ema_decay`` > 0
+    ema: torch.nn.Module | None = None
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The network that is validated, saved and kept: the weights' average, if any."""
+        return self.model if self.ema is None else self.ema.module
 
 
 def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, model_name: str,
@@ -394,6 +402,8 @@ def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, mo
               init=transfer)
     if amp == torch.float16:
         run.scaler = torch.amp.GradScaler("cuda")
+    if train_cfg.ema_decay > 0:
+        run.ema = make_ema(model, train_cfg.ema_decay)
     if resume:
         state = read_state(out)
         check_resume_state(state, model, classes, out)
@@ -431,6 +441,8 @@ def restore(run: Run, state: dict, train_cfg: TrainConfig) -> None:
     if "best_model" in state:
         run.best_state = state["best_model"]
     run.refit = json.loads(state.get("refit") or "null")
+    if run.ema is not None and "ema" in state:
+        run.ema.load_state_dict(state["ema"])
     init = json.loads(state.get("init") or "null")
     if init:  # the run started from another model's weights
         run.init = Transfer(**init)
@@ -446,6 +458,8 @@ def _state(run: Run, epoch: int, split: tuple[list[str], list[str]], elapsed: fl
              "refit": json.dumps(run.refit)}
     if run.best_state is not None:
         state["best_model"] = run.best_state
+    if run.ema is not None:
+        state["ema"] = run.ema.state_dict()
     return state
 
 
@@ -526,6 +540,8 @@ def train_step(run: Run, x: torch.Tensor, targets: dict, lr: float, epoch: int
     else:
         loss.backward()
         run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
     run.n_patches += len(x)
     return loss.item(), parts
 
@@ -537,7 +553,7 @@ def keep_if_best(run: Run, epoch: int, setting: dict, f1: float, cf1: float,
     if key <= tuple(run.best["key"]):
         return False
     run.best = {"key": list(key), "f1": f1, "class_f1": cf1, "epoch": epoch, "setting": setting}
-    run.best_state = cpu_copy(run.model)
+    run.best_state = cpu_copy(run.evaluated)
     return True
 
 
@@ -681,7 +697,7 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
                 is_best = False
             else:
                 setting, f1, cf1 = broadcast(
-                    validate(run.model, prep.val_set, classes, run.post, run.match_r,
+                    validate(run.evaluated, prep.val_set, classes, run.post, run.match_r,
                              run.kind, run.device, quick=budget is not None and not switch)
                     if run.ctx.is_main else None, run.ctx)  # rank 0 validates; others wait
                 if budget is not None:
@@ -690,7 +706,7 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
             if run.ctx.is_main and train_cfg.keep_epochs:
                 scores = (f1, cf1) if run.refit is None else (run.refit["f1"],
                                                               run.refit["class_f1"])
-                save_model(epoch_dir(out, epoch), _kept(run.model),
+                save_model(epoch_dir(out, epoch), _kept(run.evaluated),
                            model_meta(run, prep, classes, setting, epoch, *scores,
                                       train_cfg=train_cfg, mask_cfg=mask_cfg,
                                       patch_cfg=patch_cfg, extra_meta=extra_meta))
@@ -738,7 +754,7 @@ def keep_refit(run: Run, epoch: int) -> None:
     run.best = {"key": list(selection_key(r["f1"], r["class_f1"])), "f1": r["f1"],
                 "class_f1": r["class_f1"], "epoch": epoch, "setting": r["setting"],
                 "refit_after_round": r["epoch"]}
-    run.best_state = cpu_copy(run.model)
+    run.best_state = cpu_copy(run.evaluated)
 
 
 def _kept(model: torch.nn.Module) -> torch.nn.Module:

@@ -204,6 +204,9 @@ def train_command(
                                        "REFIT share of the run on every image, the "
                                        "validation images too, once the settings are "
                                        "chosen on them (0: never; fast: 0.3; paper: 0)."),
+    ema: float | None = typer.Option(None, help="Validate and keep an exponential moving "
+                                     "average of the weights with this decay per step "
+                                     "(warmed up; 0: the weights themselves, the default)."),
     seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
     precision: str = typer.Option(TrainConfig.precision, help="'auto': bf16 autocast where "
                                   "the hardware computes bf16 natively (CUDA, CPUs with "
@@ -296,7 +299,7 @@ def train_command(
                         keep_epochs=keep_epochs, time_budget_s=budget_s,
                         **given(epochs=epochs, batch_size=batch_size, lr=lr,
                                 lr_schedule=lr_schedule, select_on=select_on,
-                                refit_share=refit))
+                                refit_share=refit, ema_decay=ema))
     patch_cfg = replace(rec.patch, **given(size=patch_size, stride=stride, sampling=sampling,
                                            background_fraction=background_fraction,
                                            rotate90=rotate90, colour_jitter=colour_jitter,
@@ -318,6 +321,8 @@ def train_command(
     if not 0 <= train_cfg.refit_share < 1:
         raise QpcellError(f"--refit {refit}: give a share of the run from 0 up to (not "
                           "including) 1")
+    if not 0 <= train_cfg.ema_decay < 1:
+        raise QpcellError(f"--ema {ema}: give a decay from 0 (off) up to (not including) 1")
     if train_cfg.epochs < 1 or train_cfg.batch_size < 1:
         raise QpcellError("--epochs and --batch-size must be at least 1")
     roots = {}
