@@ -142,6 +142,7 @@ def test_progress_lines_reach_a_log_file():
     (("train", ".", "--out", "m", "--recipe", "slow"), "--recipe 'slow'"),
     (("train", ".", "--out", "m", "--sampling", "random"), "--sampling 'random'"),
     (("train", ".", "--out", "m", "--refit", "1"), "--refit 1.0"),
+    (("train", ".", "--out", "m", "--ema", "1"), "--ema 1.0"),
 ])
 def test_bad_input_is_one_line_and_exit_1(cli, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
