@@ -19,8 +19,9 @@ from qpcell.errors import QpcellError
 
 
 def ema_decay(decay: float, n_updates: int) -> float:
-    """The decay used for update ``n_updates`` (0-based): ``min(decay, (1 + n) / (10 + n))``."""
-    return min(float(decay), (1.0 + n_updates) / (10.0 + n_updates))
+    """The decay of the update that follows ``n_updates`` earlier ones:
+    ``min(decay, (1 + n) / (10 + n))``."""
+    return min(decay, (1.0 + n_updates) / (10.0 + n_updates))
 
 
 def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
