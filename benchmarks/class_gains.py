@@ -82,19 +82,26 @@ def run_model(model_dir: Path, split, grids: Sequence[tuple[float, ...]],
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_runs_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a script that re-scores ``time_to_accuracy.py`` model folders: the
+    dataset, the models, the data cache, ``--max-test`` and ``--json``."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--dataset", default="endonuke", choices=sorted(DATASETS))
     p.add_argument("--models", type=Path, nargs="+", required=True)
+    p.add_argument("--cache", type=Path, default=Path("runs/data-cache"))
+    p.add_argument("--max-test", type=int, default=None, help="score only the first N test "
+                   "images (quick checks)")
+    p.add_argument("--json", type=Path, default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = model_runs_parser(__doc__.splitlines()[0])
     p.add_argument("--grid", action="append", required=True,
                    help="comma-separated gains (repeat for each grid to compare)")
     p.add_argument("--objectives", default="class_aware",
                    help="comma-separated: class_aware, weighted, both")
     p.add_argument("--rounds", type=int, default=1, help="rounds of coordinate ascent")
-    p.add_argument("--cache", type=Path, default=Path("runs/data-cache"))
-    p.add_argument("--max-test", type=int, default=None, help="score only the first N test "
-                   "images (quick checks)")
-    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     split = load_split(args.dataset, data_root(), args.cache, max_test=args.max_test)
     grids = [tuple(float(g) for g in text.split(",")) for text in args.grid]

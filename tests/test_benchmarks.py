@@ -338,21 +338,27 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
         tta.main(["--smoke", "--datasets", "kidney"])
 
 
-def test_class_gains_tunes_each_grid_on_validation_and_scores_test(endonuke, tmp_path,
-                                                                   monkeypatch):
+def train_tiny(split, out: Path) -> None:
+    """Two steps of a base-4 network on four of ``split``'s images, the first one validating:
+    a model folder as ``time_to_accuracy.py`` keeps them."""
     from dataclasses import replace
 
     from qpcell.config import PatchConfig, TrainConfig
     from qpcell.train import train
 
-    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
-    gains = load_script("class_gains")
-    split = gains.load_split("endonuke", endonuke.parent, tmp_path / "cache")
     images = split.trainval[:4]
-    train(images, split.classes, tmp_path / "m", model_kwargs={"base": 4},
+    train(images, split.classes, out, model_kwargs={"base": 4},
           train_cfg=replace(TrainConfig(), epochs=1), val_names=[images[0].name],
           patch_cfg=replace(PatchConfig(), size=64, stride=64), device="cpu",
           max_steps_per_epoch=2)
+
+
+def test_class_gains_tunes_each_grid_on_validation_and_scores_test(endonuke, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    gains = load_script("class_gains")
+    split = gains.load_split("endonuke", endonuke.parent, tmp_path / "cache")
+    train_tiny(split, tmp_path / "m")
     out = tmp_path / "gains.json"
     rows = gains.main(["--models", str(tmp_path / "m"), "--grid", "1,2", "--grid",
                        "0.1,1,2,5", "--max-test", "2", "--cache", str(tmp_path / "cache"),
@@ -364,6 +370,47 @@ def test_class_gains_tunes_each_grid_on_validation_and_scores_test(endonuke, tmp
         assert set(row["gain"]) <= set(row["grid"])
     # gains move classes, never cells
     assert rows[0]["scores"]["detection_f1"] == rows[1]["scores"]["detection_f1"]
+
+
+def test_fixed_postprocess_scores_the_saved_and_the_fixed_settings(endonuke, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    fixed = load_script("fixed_postprocess")
+    split = fixed.load_split("endonuke", endonuke.parent, tmp_path / "cache")
+    train_tiny(split, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["postprocess"]
+    out = tmp_path / "fixed.json"
+    result = fixed.main(["--models", str(tmp_path / "m"), "--box", "7", "--max-test", "2",
+                         "--cache", str(tmp_path / "cache"), "--json", str(out)])
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(json.dumps(result))
+    (row,) = result["models"]
+    variants = row["variants"]
+    assert list(variants) == list(fixed.VARIANTS)
+    assert variants["tuned"]["setting"]["threshold"] == saved["threshold"]
+    assert variants["tuned"]["setting"]["class_box_px"] == saved["class_box_px"]
+    assert variants["threshold-0.5"]["setting"]["threshold"] == 0.5
+    assert variants["untuned"]["setting"] == {"threshold": 0.5, "min_area_px": 10.0,
+                                              "peak_window_px": 15, "class_box_px": 7,
+                                              "class_gain": []}
+    # gains move classes, never cells
+    assert (variants["tuned"]["scores"]["detection_f1"]
+            == variants["tuned-no-gain"]["scores"]["detection_f1"])
+    one = result["summary"]["untuned"]["detection_f1"]
+    assert one == {"mean": variants["untuned"]["scores"]["detection_f1"], "std": 0.0}
+
+
+def test_memoised_maps_compute_each_batch_once():
+    fixed = load_script("fixed_postprocess")
+    calls = []
+
+    def maps(tiles):
+        calls.append(tiles.shape)
+        return tiles.sum()
+
+    memo = fixed.memoised(maps)
+    a, b = np.zeros((1, 8, 8, 3), np.uint8), np.ones((1, 8, 8, 3), np.uint8)
+    assert [memo(a), memo(b), memo(a.copy()), memo(b)] == [0, 192, 0, 192]
+    assert len(calls) == 2
 
 
 def test_time_to_accuracy_trains_on_a_few_images_drawn_by_the_seed_at_a_chosen_scale(
