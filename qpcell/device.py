@@ -83,8 +83,9 @@ def training_layout(device: torch.device, amp: torch.dtype | None) -> torch.memo
     NCHW otherwise.
 
     Channels-last float32 steps are 1.11-1.14x faster on a 2-core AVX2 EPYC, but on NuCLS
-    (5 minutes, six runs) detection F1 came out 0.04 lower than NCHW's, unexplained, so float32
-    keeps NCHW until that is understood (docs/RESULTS.md, "Channels-last in float32";
+    (5 minutes, six seeds in each layout) detection F1 came out 0.028 lower than NCHW's on
+    average, lower in four seeds and level in two, unexplained, so float32 keeps NCHW until
+    that is understood (docs/RESULTS.md, "Channels-last in float32" and "Channels-last on NuCLS";
     ``benchmarks/train_speed.py --layouts nchw,channels-last`` measures the speed).
     """
     if amp is not None and device.type in ("cpu", "cuda"):
