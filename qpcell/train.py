@@ -216,7 +216,9 @@ def estimate_source_mpp(images: Sequence[AnnotatedImage], model_mpp: float | Non
     except QpcellError:
         return None, {"how": "native", "value": None, "images": len(unknown),
                       "reason": "no nucleus-like blobs at the annotated points"}
-    return mpp, {"how": "estimated", "value": round(float(mpp), 4),
+    # The value unrounded: prediction must read images at the very scale training used (on
+    # NuCLS, rounding 0.210107 to 0.2101 moved a model's test detection F1 by up to 0.010).
+    return mpp, {"how": "estimated", "value": float(mpp),
                  "nucleus_radius_px": round(float(radius), 2),
                  "nucleus_radius_um": NUCLEUS_RADIUS_UM, "images": len(unknown)}
 
