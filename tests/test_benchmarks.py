@@ -338,27 +338,29 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
         tta.main(["--smoke", "--datasets", "kidney"])
 
 
-def train_tiny(split, out: Path) -> None:
-    """Two steps of a base-4 network on four of ``split``'s images, the first one validating:
-    a model folder as ``time_to_accuracy.py`` keeps them."""
+def script_with_a_model(name: str, endonuke: Path, tmp_path: Path, monkeypatch):
+    """Benchmark script ``name`` and EndoNuke's split, with a model folder as
+    ``time_to_accuracy.py`` keeps them at ``tmp_path / "m"``: two steps of a base-4 network on
+    four training images, the first one validating."""
     from dataclasses import replace
 
     from qpcell.config import PatchConfig, TrainConfig
     from qpcell.train import train
 
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    script = load_script(name)
+    split = script.load_split("endonuke", endonuke.parent, tmp_path / "cache")
     images = split.trainval[:4]
-    train(images, split.classes, out, model_kwargs={"base": 4},
+    train(images, split.classes, tmp_path / "m", model_kwargs={"base": 4},
           train_cfg=replace(TrainConfig(), epochs=1), val_names=[images[0].name],
           patch_cfg=replace(PatchConfig(), size=64, stride=64), device="cpu",
           max_steps_per_epoch=2)
+    return script, split
 
 
 def test_class_gains_tunes_each_grid_on_validation_and_scores_test(endonuke, tmp_path,
                                                                    monkeypatch):
-    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
-    gains = load_script("class_gains")
-    split = gains.load_split("endonuke", endonuke.parent, tmp_path / "cache")
-    train_tiny(split, tmp_path / "m")
+    gains, split = script_with_a_model("class_gains", endonuke, tmp_path, monkeypatch)
     out = tmp_path / "gains.json"
     rows = gains.main(["--models", str(tmp_path / "m"), "--grid", "1,2", "--grid",
                        "0.1,1,2,5", "--max-test", "2", "--cache", str(tmp_path / "cache"),
@@ -374,10 +376,7 @@ def test_class_gains_tunes_each_grid_on_validation_and_scores_test(endonuke, tmp
 
 def test_fixed_postprocess_scores_the_saved_and_the_fixed_settings(endonuke, tmp_path,
                                                                  monkeypatch):
-    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
-    fixed = load_script("fixed_postprocess")
-    split = fixed.load_split("endonuke", endonuke.parent, tmp_path / "cache")
-    train_tiny(split, tmp_path / "m")
+    fixed, _ = script_with_a_model("fixed_postprocess", endonuke, tmp_path, monkeypatch)
     saved = json.loads((tmp_path / "m" / "config.json").read_text())["postprocess"]
     out = tmp_path / "fixed.json"
     result = fixed.main(["--models", str(tmp_path / "m"), "--box", "7", "--max-test", "2",
