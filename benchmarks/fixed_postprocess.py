@@ -82,19 +82,21 @@ def run_model(model_dir: Path, split, box_px: int) -> dict:
 
     bundle = load_model(model_dir, device="cpu")
     predictor = Predictor.from_bundle(bundle)
-    maps = memoised(predictor.map_fn)
+    variants = settings(bundle.postprocess, bundle.mpp, box_px)
+    preds: dict[str, list] = {name: [] for name in variants}
+    for ann in split.test:  # each image read once, its maps computed once
+        maps = memoised(predictor.map_fn)
+        with open_slide(ann.image, mpp=predictor.source_mpp) as slide:
+            for name, cfg in variants.items():
+                bundle.postprocess = cfg
+                preds[name].append(predict_slide(slide, maps, bundle.to_detections,
+                                                 mpp=predictor.mpp, classes=predictor.classes,
+                                                 reach_px=max(predictor.reach_px, cfg.reach_px),
+                                                 tissue=False))
     names = [c.name for c in split.classes]
     row = {"model": str(model_dir), "variants": {}}
-    for name, cfg in settings(bundle.postprocess, bundle.mpp, box_px).items():
-        bundle.postprocess = cfg
-        preds = []
-        for ann in split.test:
-            with open_slide(ann.image, mpp=predictor.source_mpp) as slide:
-                preds.append(predict_slide(slide, maps, bundle.to_detections,
-                                           mpp=predictor.mpp, classes=predictor.classes,
-                                           reach_px=max(predictor.reach_px, cfg.reach_px),
-                                           tissue=False))
-        report = score_dataset(list(zip(preds, split.test, strict=True)), names,
+    for name, cfg in variants.items():
+        report = score_dataset(list(zip(preds[name], split.test, strict=True)), names,
                                split.radius_px)
         s = scores_of(report)
         row["variants"][name] = {"setting": {"threshold": cfg.threshold,
