@@ -69,7 +69,6 @@ import copy
 import io
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -98,27 +97,6 @@ FP32_BACKEND = "onnxruntime"
 
 def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def memory_kb(field: str = "VmHWM") -> int:
@@ -160,6 +138,8 @@ def conv_reference(repeats: int = 3, size: int = 512, channels: int = 64,
     """
     import torch
 
+    from qpcell.device import cpu_has_bf16
+
     cuda = torch.device(device).type == "cuda"
     batch, calls = (16, 10) if cuda else (1, 1)
     macs = batch * calls * size * size * channels * channels * 9 / 1e9
@@ -181,7 +161,7 @@ def conv_reference(repeats: int = 3, size: int = 512, channels: int = 64,
     cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
     xcl = x.contiguous(memory_format=torch.channels_last)
     run("torch channels-last fp32", cl, xcl)
-    if cuda or {"avx512_bf16", "amx_bf16"} & cpu_flags():
+    if cuda or cpu_has_bf16():
         run("torch channels-last bf16", copy.deepcopy(cl).to(torch.bfloat16),
             xcl.to(torch.bfloat16))
     if cuda:
@@ -677,6 +657,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from qpcell.checkpoint import load_model
+    from qpcell.device import cpu_name
 
     if args.threads:
         torch.set_num_threads(args.threads)

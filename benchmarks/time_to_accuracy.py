@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -204,6 +203,9 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             "train_seconds": train_s, "predict_seconds": time.perf_counter() - t1,
             "rounds": len(result.history), "best_round": result.best_epoch,
             "steps": int(sum(h.steps for h in result.history)), "patches": result.n_patches,
+            # steps per second of the whole run, validation included: how fast this machine
+            # trains (the same budget on a faster CPU takes more steps)
+            "steps_per_second": sum(h.steps for h in result.history) / train_s,
             "val_f1": result.val_f1, "source_mpp": info, "threshold": setting["threshold"],
             "peak_window_px": setting["peak_window_px"], "notes": result.notes,
             "overrides": list(overrides), "scores": scores_of(report)}
@@ -287,7 +289,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     import torch
 
-    from qpcell.device import autocast_dtype, describe, pick_device
+    from qpcell.device import autocast_dtype, cpu_name, describe, pick_device
 
     args = parse_args(argv)
     if args.plot_from:
@@ -300,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     device = pick_device(args.device)
     amp = autocast_dtype(device, "auto")
-    machine = {"device": describe(device), "cpu": platform.processor() or platform.machine(),
+    machine = {"device": describe(device), "cpu": cpu_name(),
                "threads": torch.get_num_threads(),
                "precision": "bf16" if amp == torch.bfloat16 else "fp32"}
     print(f"time to accuracy on {machine['device']}, precision {machine['precision']}",
@@ -331,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       f"(P {s['detection_precision']:.3f} R {s['detection_recall']:.3f}) "
                       f"weighted F1 {s['weighted_f1']:.3f} class-aware "
                       f"{s['mean_class_aware_f1']:.3f}  [{run['rounds']} rounds, "
-                      f"{run['steps']} steps, {run['train_seconds']:.0f} s, thr "
+                      f"{run['steps']} steps, {run['train_seconds']:.0f} s, "
+                      f"{run['steps_per_second']:.2f} steps/s, thr "
                       f"{run['threshold']}, window {run['peak_window_px']}]", flush=True)
     summary = summarise(runs)
     for method, stats in summary.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import platform
 from pathlib import Path
 
 import torch
@@ -52,6 +53,30 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def name_from_cpuinfo(text: str) -> str:
+    """The CPU named in ``/proc/cpuinfo`` text, with its family and model numbers, which tell
+    apart machines sold under one name (``AMD EPYC (family 25, model 1)``); without a model
+    name, what :mod:`platform` knows."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if fields.get("cpu family") and fields.get("model"):
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+@functools.cache
+def cpu_name() -> str:
+    """This machine's CPU (:func:`name_from_cpuinfo`), for benchmark records."""
+    try:
+        return name_from_cpuinfo(Path("/proc/cpuinfo").read_text(encoding="utf-8",
+                                                                 errors="replace"))
+    except OSError:
+        return name_from_cpuinfo("")
 
 
 def cpu_has_bf16() -> bool:

@@ -178,6 +178,17 @@ def test_precision_chooses_bf16_only_where_asked_or_native(monkeypatch):
         dev.autocast_dtype(cpu, "fp8")
 
 
+def test_benchmarks_name_the_cpu_with_its_family_and_model():
+    from qpcell.device import name_from_cpuinfo
+
+    amd = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+           "model name\t: AMD EPYC\nflags\t\t: fpu avx2\n\nprocessor\t: 1\n"
+           "cpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n")
+    assert name_from_cpuinfo(amd) == "AMD EPYC (family 25, model 1)"
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n"
+    assert name_from_cpuinfo(arm) and "family" not in name_from_cpuinfo(arm)
+
+
 def test_models_train_channels_last_under_autocast_and_nchw_in_float32():
     from qpcell.device import training_layout
 
