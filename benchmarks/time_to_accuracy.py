@@ -214,7 +214,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
 def plot(runs: Sequence[dict], path: Path) -> None:
     """Detection, weighted and class-aware F1 against minutes, one line per dataset, network
     (with its loss weighting where it has one) and starting model (mean and sample std over
-    the seeds; n = seeds per point)."""
+    the seeds; n = seeds per point), and the EndoNuke targets (:data:`TARGETS`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,6 +241,9 @@ def plot(runs: Sequence[dict], path: Path) -> None:
                         yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
                         marker="o", capsize=3,
                         label=f"{label} (n={'/'.join(str(len(v)) for v in vals)})")
+        if any(r["dataset"].startswith("endonuke") for r in runs):
+            ax.scatter(list(TARGETS), [t[key] for t in TARGETS.values()], marker="_", s=400,
+                       color="black", label="target (EndoNuke, issue 18)")
         ax.set_xlabel("training budget (minutes)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -324,6 +324,7 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
         assert run["overrides"] == ["patch.class_balance=0"]
         assert 0.0 <= run["scores"]["detection_f1"] <= 1.0
         assert run["source_mpp"]["how"] == "estimated"
+        assert run["steps_per_second"] == pytest.approx(run["steps"] / run["train_seconds"])
         assert run["model"] == run["model_spec"]["name"] == default_model("fast")  # as train
     # the 2x copy is twice as fine: its estimated pixel size is about half
     ratio = runs["endonuke-x2"]["source_mpp"]["value"] / runs["endonuke"]["source_mpp"]["value"]
