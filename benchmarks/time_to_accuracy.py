@@ -193,6 +193,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     report = score_dataset(list(zip(preds, split.test, strict=True)),
                            [c.name for c in split.classes], split.radius_px)
     setting = bundle.meta["postprocess"]
+    steps = int(sum(h.steps for h in result.history))
     return {"method": f"{split.name} {minutes:g} min" + (
                 f" from {init}" if init != "none" else "") + (
                 f" ({train_images} images)" if train_images is not None else ""),
@@ -202,10 +203,10 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             "model_mpp": work_mpp,
             "train_seconds": train_s, "predict_seconds": time.perf_counter() - t1,
             "rounds": len(result.history), "best_round": result.best_epoch,
-            "steps": int(sum(h.steps for h in result.history)), "patches": result.n_patches,
+            "steps": steps, "patches": result.n_patches,
             # steps per second of the whole run, validation included: how fast this machine
             # trains (the same budget on a faster CPU takes more steps)
-            "steps_per_second": sum(h.steps for h in result.history) / train_s,
+            "steps_per_second": steps / train_s,
             "val_f1": result.val_f1, "source_mpp": info, "threshold": setting["threshold"],
             "peak_window_px": setting["peak_window_px"], "notes": result.notes,
             "overrides": list(overrides), "scores": scores_of(report)}
