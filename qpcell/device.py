@@ -43,13 +43,18 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @functools.cache
+def _cpuinfo() -> str:
+    """The text of ``/proc/cpuinfo`` (empty where there is none), read once."""
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
+    for line in _cpuinfo().splitlines():
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
@@ -69,14 +74,9 @@ def name_from_cpuinfo(text: str) -> str:
     return name
 
 
-@functools.cache
 def cpu_name() -> str:
     """This machine's CPU (:func:`name_from_cpuinfo`), for benchmark records."""
-    try:
-        return name_from_cpuinfo(Path("/proc/cpuinfo").read_text(encoding="utf-8",
-                                                                 errors="replace"))
-    except OSError:
-        return name_from_cpuinfo("")
+    return name_from_cpuinfo(_cpuinfo())
 
 
 def cpu_has_bf16() -> bool:
