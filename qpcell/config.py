@@ -41,6 +41,10 @@ class PatchConfig:
     # "cells" sampling: a cell of class c is drawn with weight share_c ** -class_balance
     class_balance: float = 0.0
     colour_jitter: float = 0.0  # HED stain + brightness/contrast jitter strength (qpcell.augment)
+    # Not in the paper: each window is read at a random scale between 1 / (1 + j) and 1 + j
+    # (log-uniform; j = scale_jitter, 0 = off) and resized to ``size``: nuclei vary in size
+    # between tissues and the working scale of an image without a pixel size is an estimate
+    scale_jitter: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import shapely
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from qpcell.config import MaskConfig, PatchConfig
@@ -273,6 +274,13 @@ class PatchDataset(Dataset):
     colour
         ``colour(rgb (size, size, 3) uint8, rng) -> uint8`` applied to the patch's pixels only
         (e.g. :func:`qpcell.augment.stain_jitter`); ``None`` leaves them as they are.
+    scale_jitter
+        ``j > 0`` reads each window at a random scale ``f`` between ``1 / (1 + j)`` and
+        ``1 + j`` (log-uniform): a square of ``size / f`` pixels about the window's centre
+        (moved inside the image where needed) is resized to ``size`` (bilinear) and the
+        points move with it; the target discs keep their radius in patch pixels. A window
+        whose image is smaller than that square is read at scale 1. 0 (the default) draws
+        nothing, so items are exactly as without it.
     seed
         Augmentation seed. Item ``i`` in epoch ``e`` draws from
         ``np.random.default_rng([seed, e, i])``: the same in every worker process and every
@@ -290,8 +298,8 @@ class PatchDataset(Dataset):
                  extra_maps: Sequence[np.ndarray] | None = None, extra_key: str = "prior",
                  flips: bool = _PC.flips, rotate90: bool = _PC.rotate90, seed: int = 0,
                  margin_px: float = 16.0,
-                 colour: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None
-                 ) -> None:
+                 colour: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+                 scale_jitter: float = _PC.scale_jitter) -> None:
         if len(images) != len(points):
             raise QpcellError(f"{len(images)} images but {len(points)} point sets")
         if target_fn is None:
@@ -301,6 +309,8 @@ class PatchDataset(Dataset):
 
             def target_fn(xy, labels, shape):
                 return sdrdin_targets(xy, labels, n, shape, r)
+        if not scale_jitter >= 0:
+            raise QpcellError(f"scale_jitter must be at least 0, got {scale_jitter}")
         if extra_maps is not None and len(extra_maps) != len(images):
             raise QpcellError(f"{len(images)} images but {len(extra_maps)} extra maps")
         self.images = list(images)
@@ -325,6 +335,7 @@ class PatchDataset(Dataset):
         self.flips = flips
         self.rotate90 = rotate90
         self.colour = colour
+        self.scale_jitter = float(scale_jitter)
         self.seed = int(seed)
         self.epoch = 0
         self.margin_px = float(margin_px)
@@ -354,6 +365,10 @@ class PatchDataset(Dataset):
         image = self.images[i]
         h, w = image.shape[:2]
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        scaled = self._scaled_read(i, x0, y0, rng) if self.scale_jitter > 0 else None
+        if scaled is not None:
+            patch, targets = scaled
+            return self._augmented(patch, targets, rng)
         # The part of the window inside the image, in image and in patch coordinates.
         ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + s, w), min(y0 + s, h)
         if ix1 <= ix0 or iy1 <= iy0:
@@ -379,7 +394,36 @@ class PatchDataset(Dataset):
             crop = np.zeros((m.shape[0], s, s), dtype=np.float32)
             crop[(slice(None), *inner)] = m[:, iy0:iy1, ix0:ix1]
             targets[self.extra_key] = crop
+        return self._augmented(patch, targets, rng)
 
+    def _scaled_read(self, i: int, x0: int, y0: int, rng: np.random.Generator):
+        """``(patch, targets)`` of window ``(x0, y0)`` of image ``i`` read at a random scale
+        (see ``scale_jitter``), or None where the image is too small for the square."""
+        s = self.size
+        factor = float(np.exp(rng.uniform(-1.0, 1.0) * np.log1p(self.scale_jitter)))
+        src = max(1, int(round(s / factor)))
+        image = self.images[i]
+        h, w = image.shape[:2]
+        if src > h or src > w:
+            return None
+        sx0 = int(np.clip(round(x0 + (s - src) / 2), 0, w - src))
+        sy0 = int(np.clip(round(y0 + (s - src) / 2), 0, h - src))
+        box = (slice(sy0, sy0 + src), slice(sx0, sx0 + src))
+        patch = np.asarray(Image.fromarray(np.ascontiguousarray(image[box][..., :3]))
+                           .resize((s, s), Image.BILINEAR))
+        xy, labels = self._points_near(i, sx0, sy0, sx0 + src, sy0 + src)
+        k = s / src  # patch pixels per image pixel; pixel centres sit at index + 0.5
+        xy = (xy - np.array([sx0, sy0], dtype=np.float64) + 0.5) * k - 0.5
+        targets = dict(self._targets(xy, labels, (s, s), rng))
+        if self.extra_maps is not None:
+            targets[self.extra_key] = np.stack([
+                np.asarray(Image.fromarray(np.ascontiguousarray(m, dtype=np.float32))
+                           .resize((s, s), Image.BILINEAR))
+                for m in self.extra_maps[i][(slice(None), *box)]]).astype(np.float32)
+        return patch, targets
+
+    def _augmented(self, patch: np.ndarray, targets: dict, rng: np.random.Generator):
+        """The item: colour, flips and rotations of ``patch`` (and ``targets``), as tensors."""
         # Augmentation: arrays are (..., H, W) for targets and (H, W, 3) for the image.
         if self.colour is not None:
             patch = self.colour(patch, rng)

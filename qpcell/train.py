@@ -513,6 +513,7 @@ def _loader(run: Run, train_set, windows, patch_cfg: PatchConfig, train_cfg: Tra
                            extra_maps=None if extra[0] is None else
                            [extra[0][d.name] for d in train_set], extra_key=extra[1],
                            flips=patch_cfg.flips, rotate90=patch_cfg.rotate90, colour=colour,
+                           scale_jitter=patch_cfg.scale_jitter,
                            seed=int(run.rng.integers(2**31)) + run.ctx.rank)
     generator = torch.Generator().manual_seed(int(run.rng.integers(2**31)))
     return DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True,

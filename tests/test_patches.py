@@ -237,3 +237,45 @@ def test_stain_jitter_changes_colours_mildly_and_reproducibly():
     assert diff.mean() < 30  # but keeps it recognisable
     c = stain_jitter(rgb, np.random.default_rng(6), 1.0)
     assert not np.array_equal(a, c)
+
+
+def _centroid(mask: torch.Tensor) -> np.ndarray:
+    rows, cols = np.nonzero(mask.numpy())
+    return np.array([cols.mean(), rows.mean()])
+
+
+def test_scale_jitter_moves_points_with_the_pixels():
+    # two dark dots 40 px apart on white; their target discs must follow them at every scale
+    img = np.full((96, 96, 3), 255, np.uint8)
+    xy = np.array([[28.0, 48.0], [68.0, 48.0]])
+    for x, y in xy.astype(int):
+        img[y - 2:y + 3, x - 2:x + 3] = 0
+    ds = PatchDataset([img], [(xy, np.array([0, 1]))], [(0, 16, 16)] * 40, n_classes=2,
+                      size=64, flips=False, scale_jitter=0.2)
+    gaps = []
+    for i in range(len(ds)):
+        x, t = ds[i]
+        dark = x.mean(dim=0) < 0.5
+        left, right = dark.clone(), dark.clone()
+        left[:, 32:], right[:, :32] = False, False
+        for part, k in ((left, 1), (right, 2)):  # cls channel k - 1: the dot's class
+            np.testing.assert_allclose(_centroid(part), _centroid(t["cls"][k - 1]), atol=1.0)
+        gaps.append(_centroid(t["cls"][1])[0] - _centroid(t["cls"][0])[0])
+        # the discs keep their radius (2 px: about 13 pixels) in patch pixels at every scale
+        assert all(9 <= int(t["cls"][k].sum()) <= 16 for k in (0, 1))
+    gaps = np.array(gaps)
+    assert gaps.min() >= 40 / 1.2 - 1 and gaps.max() <= 40 * 1.2 + 1  # within 1/(1+j)..1+j
+    assert gaps.max() - gaps.min() > 8  # and the scale does vary
+
+
+def test_scale_jitter_falls_back_on_small_images_and_checks_its_value():
+    img = _image(40, 40)
+    pts = [(np.array([[20.0, 20.0]]), np.array([0]))]
+    plain = PatchDataset([img], pts, [(0, 0, 0)], n_classes=1, size=32, flips=False)
+    # every square of 32 / f > 40 px does not fit: those items are read as without jitter
+    ds = PatchDataset([img], pts, [(0, 0, 0)] * 30, n_classes=1, size=32, flips=False,
+                      scale_jitter=1.0)
+    same = sum(torch.equal(ds[i][0], plain[0][0]) for i in range(len(ds)))
+    assert 0 < same < len(ds)
+    with pytest.raises(QpcellError, match="scale_jitter"):
+        PatchDataset([img], pts, [(0, 0, 0)], n_classes=1, size=32, scale_jitter=-0.1)

@@ -244,6 +244,9 @@ def train_command(
     colour_jitter: float | None = typer.Option(None, help="HED stain, brightness and contrast "
                                                "jitter strength (0: none, the default; 1: "
                                                "Tellez et al.'s HED-light)."),
+    scale_jitter: float | None = typer.Option(None, min=0.0, help="Read each training window "
+                                              "at a random scale between 1/(1+J) and 1+J "
+                                              "(0: none, the default)."),
     rare_repeats: int | None = typer.Option(None, min=0, help="Grid sampling: draw windows "
                                             "holding a cell of a rare class (under 5% of the "
                                             "points) this many more times per epoch "
@@ -303,6 +306,7 @@ def train_command(
     patch_cfg = replace(rec.patch, **given(size=patch_size, stride=stride, sampling=sampling,
                                            background_fraction=background_fraction,
                                            rotate90=rotate90, colour_jitter=colour_jitter,
+                                           scale_jitter=scale_jitter,
                                            rare_repeats=rare_repeats))
     mask_cfg = replace(rec.mask, **given(disc_radius_px=disc_radius))
     if stride is None and patch_cfg.stride > patch_cfg.size:  # a smaller --patch-size alone
