@@ -84,7 +84,8 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def cell_balanced_cross_entropy(logits: Tensor, target: Tensor,
-                                class_target: Tensor | None = None) -> Tensor:
+                                class_target: Tensor | None = None, *,
+                                power: float = 1.0) -> Tensor:
     """Softmax cross-entropy in which the cell classes count alike among the cells, while the
     detection (cell against background) is learnt as with the plain loss (the fast recipe's
     U-Net).
@@ -97,6 +98,11 @@ def cell_balanced_cross_entropy(logits: Tensor, target: Tensor,
     as much as a common one, and the detection map (``1 - p(background)``) gets the plain
     loss's gradient, whatever the classes. With one cell class (or none) in the batch it *is*
     the plain loss.
+
+    ``power`` ``p`` softens the balance: the weights go as ``n_c ** -p``, scaled so that the
+    class term's weights still sum to ``n_cell`` over the cell pixels. 1 (the default) is the
+    balance above, 0 the plain loss, 0.5 halfway (a class 100 times rarer weighs 10 times more
+    per pixel, not 100 times).
 
     ``class_target`` (``(B, K - 1, H, W)``, one-hot over the cell classes) puts the class term
     on other pixels than the cells of ``target``, e.g. on wider discs than the detection's
@@ -123,9 +129,8 @@ def cell_balanced_cross_entropy(logits: Tensor, target: Tensor,
     y_cls = y_cells if class_target is None else class_target.to(y_cells.dtype)
     cls_c = -(y_cls * (logp[:, :-1] - log_cell[:, None])).sum(dim=(0, 2, 3))  # (C,)
     n_c = class_pixel_counts(y_cls)
-    present = n_c > 0
-    share = y_cells.sum() / present.sum().clamp_min(1)
-    weights = torch.where(present, share / n_c.clamp_min(1e-12), torch.zeros_like(n_c))
+    inv = torch.where(n_c > 0, n_c.clamp_min(1e-12) ** -float(power), torch.zeros_like(n_c))
+    weights = y_cells.sum() * inv / (inv * n_c).sum().clamp_min(1e-12)
     return (det + (weights * cls_c).sum()) / (b * h * w)
 
 

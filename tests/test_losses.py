@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -112,6 +113,36 @@ def test_cell_balanced_ce_weighs_cell_classes_alike_and_detection_as_plain_ce():
     assert math.isclose(cell_balanced_cross_entropy(logits, bg).item(),
                         cross_entropy(logits, bg).item(), rel_tol=1e-6)
 
+
+
+def test_cell_balanced_ce_power_softens_the_balance_between_plain_and_full():
+    torch.manual_seed(5)
+    logits = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    idx = torch.full((2, 3, 3), 3)
+    idx[0, 0, :] = 0  # 3 px of class 0, 1 px of class 1, none of class 2
+    idx[1, 2, 2] = 1
+    y = _one_hot(idx, 4).double()
+    full = cell_balanced_cross_entropy(logits, y)
+    assert math.isclose(cell_balanced_cross_entropy(logits, y, power=1.0).item(), full.item(),
+                        rel_tol=1e-12)
+    assert math.isclose(cell_balanced_cross_entropy(logits, y, power=0.0).item(),
+                        cross_entropy(logits, y).item(), rel_tol=1e-6)
+    # power 0.5 by hand: w_c = n_cell n_c^-1/2 / sum_k n_k^1/2 = 4 / (sqrt(3) + 1) / sqrt(n_c)
+    p = F.softmax(logits, dim=1)
+    z = 4 / (math.sqrt(3) + 1)
+    weight = {0: z / math.sqrt(3), 1: z / 1.0}
+    total = 0.0
+    for bi, r, c in np.ndindex(2, 3, 3):
+        k = int(idx[bi, r, c])
+        cell = p[bi, :3, r, c].sum()
+        if k == 3:
+            total -= math.log(p[bi, 3, r, c])
+        else:
+            total -= math.log(cell) + weight[k] * math.log(p[bi, k, r, c] / cell)
+    half = cell_balanced_cross_entropy(logits, y, power=0.5)
+    assert math.isclose(half.item(), total / 18, rel_tol=1e-6)
+    # the rare class weighs more than with the plain loss and less than with the full balance
+    assert weight[1] / weight[0] == pytest.approx(math.sqrt(3))
 
 def test_cell_balanced_ce_puts_the_class_term_on_a_class_target_of_equal_weight():
     torch.manual_seed(4)

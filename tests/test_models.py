@@ -217,6 +217,22 @@ def test_unet_class_region_trains_the_classes_on_wider_discs():
             create_model("unet", C, base=4, **bad)
 
 
+
+def test_unet_class_power_is_passed_to_the_loss_and_kept():
+    torch.manual_seed(0)
+    t = _targets(batch=2, labels=[0, 0, 1])
+    m = create_model("unet", C, base=4, class_weights="cells", class_power=0.5)
+    out = {"cls_logits": 3 * torch.randn(2, C + 1, 32, 32)}  # confident, unlike a new model
+    total, _ = m.loss(out, t)
+    assert torch.isclose(total, cell_balanced_cross_entropy(out["cls_logits"], t["cls"],
+                                                            power=0.5))
+    assert not torch.isclose(total, cell_balanced_cross_entropy(out["cls_logits"], t["cls"]))
+    assert create_model(**m.spec()).class_power == 0.5
+    for bad in ({"class_power": 1.5, "class_weights": "cells"},
+                {"class_power": 0.5, "class_weights": "none"}):
+        with pytest.raises(QpcellError, match="class_power"):
+            create_model("unet", C, base=4, **bad)
+
 def test_gmacs_counts_conv_and_transposed_conv():
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2),
                       nn.Flatten(), nn.Linear(4 * 32 * 32, 10))

@@ -16,6 +16,9 @@ Trained with a softmax cross-entropy on the C + 1 channel class map, its pixels 
   classes count alike among the cell pixels; the detection term (cell against background) is
   the plain loss's (:func:`qpcell.losses.cell_balanced_cross_entropy`).
 
+``class_power`` (with ``"cells"``) softens that balance: 1 counts the classes alike, 0.5 weighs
+a class's pixels by the inverse square root of its count (:func:`cell_balanced_cross_entropy`).
+
 ``class_region`` (> 1, with ``"cells"``) puts the class term on discs that many times wider
 than the detection's, each pixel going to its nearest point: the class decoder then learns from
 the whole nucleus and its rim, the detection map still from the central disc.
@@ -53,25 +56,29 @@ class UNet(nn.Module):
     def __init__(self, n_classes: int, *, base: int = 16, depth: int = 4,
                  batch_norm: bool = False, in_channels: int = 3,
                  class_weights: str = "none", class_weighted: bool = False,
-                 class_region: float = 1.0) -> None:
+                 class_region: float = 1.0, class_power: float = 1.0) -> None:
         super().__init__()
         if class_weighted:  # the option's first, boolean form: S-DRDIN's weights
             class_weights = "batch"
         if (n_classes < 1 or base < 1 or depth < 2 or class_weights not in CLASS_WEIGHTS
-                or not class_region >= 1 or (class_region > 1 and class_weights != "cells")):
+                or not class_region >= 1 or (class_region > 1 and class_weights != "cells")
+                or not 0 <= class_power <= 1 or (class_power != 1 and class_weights != "cells")):
             raise QpcellError(f"invalid U-Net settings: n_classes={n_classes}, base={base}, "
                               f"depth={depth}, class_weights={class_weights!r} (one of "
                               f"{', '.join(CLASS_WEIGHTS)}), class_region={class_region} "
-                              "(at least 1; above 1 only with class_weights='cells')")
+                              "(at least 1; above 1 only with class_weights='cells'), "
+                              f"class_power={class_power} (0 to 1; other than 1 only with "
+                              "class_weights='cells')")
         self.name = "unet"
         self.n_classes = n_classes
         self.multiple = 2 ** (depth - 1)
         self._spec = {"name": "unet", "n_classes": int(n_classes), "base": int(base),
                       "depth": int(depth), "batch_norm": bool(batch_norm),
                       "in_channels": int(in_channels), "class_weights": class_weights,
-                      "class_region": float(class_region)}
+                      "class_region": float(class_region), "class_power": float(class_power)}
         self.class_weights = class_weights
         self.class_region = float(class_region)
+        self.class_power = float(class_power)
         widths = [base * 2**i for i in range(depth)]
         cins = [in_channels, *widths[:-1]]
         self.down = nn.ModuleList(DoubleConv(c, w, batch_norm=batch_norm)
@@ -119,7 +126,10 @@ class UNet(nn.Module):
         (the class term on ``"cls_region"`` when the targets have it)."""
         if "cls_region" in targets:
             ce = cell_balanced_cross_entropy(out["cls_logits"], targets["cls"],
-                                             targets["cls_region"])
+                                             targets["cls_region"], power=self.class_power)
+        elif self.class_weights == "cells":
+            ce = cell_balanced_cross_entropy(out["cls_logits"], targets["cls"],
+                                             power=self.class_power)
         else:
             ce = CLASS_WEIGHTS[self.class_weights](out["cls_logits"], targets["cls"])
         return ce, {"ce": float(ce.detach())}
