@@ -23,13 +23,15 @@ scanners and pixel sizes it was not built for. Each of its changes was measured 
   level with them over three seeds;
 * flips and 90-degree rotations. HED stain / brightness / contrast jitter
   (``--colour-jitter 1``) is there for stains unlike the training images, but did not help on
-  the held-out images of the same stain, so it is off by default.
+  the held-out images of the same stain, so it is off by default; so is scale jitter
+  (``--scale-jitter``, each window read at a random scale), which scored level on EndoNuke.
 
 The fast recipe trains the plain U-Net (:data:`DEFAULT_MODELS`): its step costs a third of
 S-DRDIN's, so it takes three times the steps in a budget, and it scored higher on EndoNuke at 5
 and 10 minutes and level on NuCLS (H&E). Its loss weights the cell classes alike among the
 cells and leaves the detection term as in the plain cross-entropy
-(:func:`qpcell.losses.cell_balanced_cross_entropy`): with the plain loss a one-minute run on the
+(:func:`qpcell.losses.cell_balanced_cross_entropy`; a softer balance, ``class_power=0.5``, scored
+level with it): with the plain loss a one-minute run on the
 demo's four phenotypes never learnt one of them, and with S-DRDIN's weights (the background
 one class among all) it lost detection F1 on EndoNuke (docs/RESULTS.md, "The network for a
 budget"). ``paper`` trains S-DRDIN; ``--model`` names any other network.

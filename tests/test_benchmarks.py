@@ -434,3 +434,36 @@ def test_time_to_accuracy_trains_on_a_few_images_drawn_by_the_seed_at_a_chosen_s
     assert len(used) == 4 and set(used) <= {a.name for a in split.trainval}
     with pytest.raises(SystemExit, match="--train-images 7"):
         tta.main(["--smoke", "--datasets", "endonuke", "--train-images", "7"])
+
+
+def test_class_separability_counts_matched_cells_and_bounds_each_class():
+    sep = load_script("class_separability")
+    names = ["a", "b", "c"]
+    truth = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    probs = np.array([[.9, .1, 0], [.8, .1, .1], [.6, .3, .1], [.2, .7, .1],
+                      [.3, .6, .1], [.1, .8, .1], [.5, .1, .4], [.6, .1, .3]])
+    row = sep.separability(probs, probs.argmax(axis=1), truth, names)
+    assert row["confusion"] == [[3, 1, 0], [0, 2, 0], [2, 0, 0]]
+    a, c = row["classes"]["a"], row["classes"]["c"]
+    assert a["n"] == 4 and a["share"] == 0.5
+    # "c" is never called, yet its probability ranks its two cells first: AUC and AP 1, and a
+    # threshold of 0.3 calls exactly them
+    assert c["auc"] == 1.0 and c["ap"] == 1.0 and c["best_f1"] == 1.0
+    assert c["best_threshold"] == pytest.approx(0.3)
+    assert 0.5 < a["auc"] < 1.0 and a["best_f1"] < 1.0
+    # a class absent from the matched cells has no AUC
+    row = sep.separability(probs[:6], probs[:6].argmax(axis=1), truth[:6], names)
+    assert row["classes"]["c"]["auc"] is None and row["classes"]["c"]["best_f1"] == 0.0
+
+
+def test_class_separability_runs_on_a_model_folder(endonuke, tmp_path, monkeypatch):
+    sep, split = script_with_a_model("class_separability", endonuke, tmp_path, monkeypatch)
+    out = tmp_path / "sep.json"
+    rows = sep.main(["--models", str(tmp_path / "m"), "--max-test", "2", "--cache",
+                     str(tmp_path / "cache"), "--json", str(out)])
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(json.dumps(rows))
+    (row,) = rows
+    assert list(row["classes"]) == [c.name for c in split.classes]
+    matched = int(np.sum(row["confusion"]))
+    assert matched == sum(s["n"] for s in row["classes"].values())
+    assert matched <= sum(len(a.xy) for a in split.test[:2])
