@@ -75,6 +75,23 @@ def test_weighted_ce_absent_class_gives_no_nan():
     assert torch.isfinite(weighted_cross_entropy(torch.randn(1, 4, 3, 3), bg))
 
 
+
+def _cell_balanced_by_hand(logits, idx, weight) -> float:
+    """Mean over the pixels of ``-log p(cell or background) + w_c * -log p(c | cell)``, with
+    ``idx`` the class of each pixel (the last channel background) and ``weight`` by class."""
+    p = F.softmax(logits.detach(), dim=1)
+    bg = p.shape[1] - 1
+    total = 0.0
+    for pos in np.ndindex(*idx.shape):
+        bi, r, c = pos
+        k = int(idx[pos])
+        cell = p[bi, :bg, r, c].sum()
+        if k == bg:
+            total -= math.log(p[bi, bg, r, c])
+        else:
+            total -= math.log(cell) + weight[k] * math.log(p[bi, k, r, c] / cell)
+    return total / idx.numel()
+
 def test_cell_balanced_ce_weighs_cell_classes_alike_and_detection_as_plain_ce():
     torch.manual_seed(3)
     logits = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -85,17 +102,8 @@ def test_cell_balanced_ce_weighs_cell_classes_alike_and_detection_as_plain_ce():
     got = cell_balanced_cross_entropy(logits, y)
     # by hand, per pixel: -log p(cell or background) + w_c * -log p(c | cell), with
     # w_c = 4 cell px / (2 present classes * n_c)
-    p = F.softmax(logits.detach(), dim=1)
     weight = {0: 4 / (2 * 3), 1: 4 / (2 * 1)}
-    total = 0.0
-    for bi, r, c in np.ndindex(2, 3, 3):
-        k = int(idx[bi, r, c])
-        cell = p[bi, :3, r, c].sum()
-        if k == 3:
-            total -= math.log(p[bi, 3, r, c])
-        else:
-            total -= math.log(cell) + weight[k] * math.log(p[bi, k, r, c] / cell)
-    assert math.isclose(got.item(), total / 18, rel_tol=1e-6)
+    assert math.isclose(got.item(), _cell_balanced_by_hand(logits, idx, weight), rel_tol=1e-6)
     got.backward()
     assert torch.isfinite(logits.grad).all()
     # the detection map's gradient is the plain loss's: d/d(logit) of p(cell) summed over
@@ -128,21 +136,13 @@ def test_cell_balanced_ce_power_softens_the_balance_between_plain_and_full():
     assert math.isclose(cell_balanced_cross_entropy(logits, y, power=0.0).item(),
                         cross_entropy(logits, y).item(), rel_tol=1e-6)
     # power 0.5 by hand: w_c = n_cell n_c^-1/2 / sum_k n_k^1/2 = 4 / (sqrt(3) + 1) / sqrt(n_c)
-    p = F.softmax(logits, dim=1)
     z = 4 / (math.sqrt(3) + 1)
     weight = {0: z / math.sqrt(3), 1: z / 1.0}
-    total = 0.0
-    for bi, r, c in np.ndindex(2, 3, 3):
-        k = int(idx[bi, r, c])
-        cell = p[bi, :3, r, c].sum()
-        if k == 3:
-            total -= math.log(p[bi, 3, r, c])
-        else:
-            total -= math.log(cell) + weight[k] * math.log(p[bi, k, r, c] / cell)
     half = cell_balanced_cross_entropy(logits, y, power=0.5)
-    assert math.isclose(half.item(), total / 18, rel_tol=1e-6)
+    assert math.isclose(half.item(), _cell_balanced_by_hand(logits, idx, weight), rel_tol=1e-6)
     # the rare class weighs more than with the plain loss and less than with the full balance
     assert weight[1] / weight[0] == pytest.approx(math.sqrt(3))
+
 
 def test_cell_balanced_ce_puts_the_class_term_on_a_class_target_of_equal_weight():
     torch.manual_seed(4)

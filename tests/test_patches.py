@@ -277,5 +277,14 @@ def test_scale_jitter_falls_back_on_small_images_and_checks_its_value():
                       scale_jitter=1.0)
     same = sum(torch.equal(ds[i][0], plain[0][0]) for i in range(len(ds)))
     assert 0 < same < len(ds)
+    # dense extra maps (MTL-IHC's prior) are resized with the pixels
+    ramp = np.tile(np.arange(40, dtype=np.float32), (40, 1))[None]  # the map = column index
+    ds = PatchDataset([img], pts, [(0, 4, 4)] * 10, n_classes=1, size=32, flips=False,
+                      scale_jitter=0.2, extra_maps=[ramp], extra_key="prior")
+    for i in range(len(ds)):
+        prior = ds[i][1]["prior"][0].numpy()
+        assert prior.shape == (32, 32)
+        step = np.diff(prior[16, 2:-2]).mean()  # image columns per patch column, 1 / f
+        assert 1 / 1.2 - 0.02 <= step <= 1.2 + 0.02
     with pytest.raises(QpcellError, match="scale_jitter"):
         PatchDataset([img], pts, [(0, 0, 0)], n_classes=1, size=32, scale_jitter=-0.1)
