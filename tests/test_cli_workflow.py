@@ -74,7 +74,7 @@ def test_training_options_reach_the_saved_model(cli, project, tmp_path):
     out = tmp_path / "m"
     code, _, stderr = cli("train", project, "--out", out, "--base", "4", "--precision", "fp32",
                           "--lr-schedule", "cosine", "--rare-repeats", "3", "--select-on",
-                          "combined", "--keep-epochs", *TINY_TRAIN)
+                          "combined", "--keep-epochs", "--scale-jitter", "0.1", *TINY_TRAIN)
     assert code == 0, stderr
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["config"]["precision"] == "fp32"
@@ -82,6 +82,7 @@ def test_training_options_reach_the_saved_model(cli, project, tmp_path):
     assert training["config"]["select_on"] == "combined"
     assert (out / "epochs" / "epoch-001" / "weights.safetensors").is_file()
     assert training["patch"]["rare_repeats"] == 3
+    assert training["patch"]["scale_jitter"] == 0.1
     code, stdout, stderr = cli("predict", out, project, "--out", tmp_path / "p", "--device",
                                "cpu", "--backend", "eager")
     assert code == 0, stderr
