@@ -419,7 +419,7 @@ class PatchDataset(Dataset):
             targets[self.extra_key] = np.stack([
                 np.asarray(Image.fromarray(np.ascontiguousarray(m, dtype=np.float32))
                            .resize((s, s), Image.BILINEAR))
-                for m in self.extra_maps[i][(slice(None), *box)]]).astype(np.float32)
+                for m in self.extra_maps[i][(slice(None), *box)]])
         return patch, targets
 
     def _augmented(self, patch: np.ndarray, targets: dict, rng: np.random.Generator):

@@ -124,12 +124,9 @@ class UNet(nn.Module):
     def loss(self, out: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, dict]:
         """Softmax cross-entropy against the ``"cls"`` target, weighted by ``class_weights``
         (the class term on ``"cls_region"`` when the targets have it)."""
-        if "cls_region" in targets:
+        if self.class_weights == "cells":  # the only weighting with a region and a power
             ce = cell_balanced_cross_entropy(out["cls_logits"], targets["cls"],
-                                             targets["cls_region"], power=self.class_power)
-        elif self.class_weights == "cells":
-            ce = cell_balanced_cross_entropy(out["cls_logits"], targets["cls"],
-                                             power=self.class_power)
+                                             targets.get("cls_region"), power=self.class_power)
         else:
             ce = CLASS_WEIGHTS[self.class_weights](out["cls_logits"], targets["cls"])
         return ce, {"ce": float(ce.detach())}
