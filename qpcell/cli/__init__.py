@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if ctrl_c is not None and argv is not None:  # called from Python: give Ctrl-C back
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        elif ctrl_c is not None:
+            # Everything is written. Python's shutdown resets a handler of its own to the
+            # default, so a Ctrl-C from now on would kill the process by the signal instead
+            # of letting it exit with the code chosen above; an ignored signal stays ignored.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)
 
 
