@@ -212,10 +212,20 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             "overrides": list(overrides), "scores": scores_of(report)}
 
 
+def curve(run: dict) -> tuple[str, str, str, str | None]:
+    """The line of the figure a run belongs to: its dataset, network (with its loss weighting
+    where it has one), starting model and precision (None in records that predate it), so that
+    seeds are averaged only with seeds of the same setting and arithmetic."""
+    model = run.get("model", "s-drdin")
+    weights = (run.get("model_spec") or {}).get("class_weights")
+    return (run["dataset"], model if weights is None else f"{model} ({weights} weights)",
+            run.get("init") or "none", run.get("precision"))
+
+
 def plot(runs: Sequence[dict], path: Path) -> None:
-    """Detection, weighted and class-aware F1 against minutes, one line per dataset, network
-    (with its loss weighting where it has one) and starting model (mean and sample std over
-    the seeds; n = seeds per point), and the EndoNuke targets (:data:`TARGETS`)."""
+    """Detection, weighted and class-aware F1 against minutes, one line per :func:`curve`
+    (mean and sample std over the seeds; n = seeds per point), and the EndoNuke targets
+    (:data:`TARGETS`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,19 +235,14 @@ def plot(runs: Sequence[dict], path: Path) -> None:
             ("mean_class_aware_f1", "mean class-aware F1"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
 
-    def line(r: dict) -> tuple[str, str, str]:
-        model = r.get("model", "s-drdin")
-        weights = (r.get("model_spec") or {}).get("class_weights")
-        return (r["dataset"], model if weights is None else f"{model} ({weights} weights)",
-                r.get("init") or "none")
-
-    lines = dict.fromkeys(line(r) for r in runs)
+    lines = dict.fromkeys(curve(r) for r in runs)
     for ax, (key, title) in zip(axes, keys, strict=True):
-        for ds, model, init in lines:
-            mine = [r for r in runs if line(r) == (ds, model, init)]
+        for ds, model, init, precision in lines:
+            mine = [r for r in runs if curve(r) == (ds, model, init, precision)]
             mins = sorted({r["minutes"] for r in mine})
             vals = [[r["scores"][key] for r in mine if r["minutes"] == m] for m in mins]
-            label = f"{ds} {model}" + ("" if init == "none" else f" from {Path(init).name}")
+            label = (f"{ds} {model}" + ("" if init == "none" else f" from {Path(init).name}")
+                     + ("" if precision is None else f", {precision}"))
             ax.errorbar(mins, [np.mean(v) for v in vals],
                         yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
                         marker="o", capsize=3,
@@ -297,8 +302,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     args = parse_args(argv)
     if args.plot_from:
-        runs = [r for f in args.plot_from for r in json.loads(f.read_text())["runs"]
-                if r["recipe"] == args.recipe]
+        runs = []
+        for f in args.plot_from:
+            record = json.loads(f.read_text())
+            precision = (record.get("machine") or {}).get("precision")
+            runs += [{"precision": precision, **r} for r in record["runs"]
+                     if r["recipe"] == args.recipe]
         plot(runs, args.plot or Path("time-to-accuracy.png"))
         return {"runs": runs}
     root = data_root()
@@ -331,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                               base=4 if args.smoke else args.base, overrides=args.set,
                               model=args.model, init=args.init,
                               train_images=args.train_images, model_mpp=args.model_mpp)
+                run["precision"] = machine["precision"]
                 runs.append(run)
                 s = run["scores"]
                 print(f"{name} {m:g} min seed {seed}: detection F1 {s['detection_f1']:.3f} "

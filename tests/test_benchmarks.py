@@ -326,6 +326,7 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
         assert run["source_mpp"]["how"] == "estimated"
         assert run["steps_per_second"] == pytest.approx(run["steps"] / run["train_seconds"])
         assert run["model"] == run["model_spec"]["name"] == default_model("fast")  # as train
+        assert run["precision"] == result["machine"]["precision"]
     # the 2x copy is twice as fine: its estimated pixel size is about half
     ratio = runs["endonuke-x2"]["source_mpp"]["value"] / runs["endonuke"]["source_mpp"]["value"]
     assert ratio == pytest.approx(0.5, rel=0.15)
@@ -337,6 +338,26 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
     assert (tmp_path / "re.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="unknown dataset"):
         tta.main(["--smoke", "--datasets", "kidney"])
+
+
+def test_time_to_accuracy_figure_keeps_precisions_apart(tmp_path):
+    tta = load_script("time_to_accuracy")
+    scores = {"detection_f1": 0.9, "weighted_f1": 0.9, "mean_class_aware_f1": 0.5}
+    run = {"dataset": "endonuke", "minutes": 10.0, "recipe": "fast", "model": "unet",
+           "model_spec": {"class_weights": "cells"}, "init": "none", "scores": scores}
+    files = []
+    for precision in ("fp32", "bf16"):
+        files.append(tmp_path / f"{precision}.json")
+        files[-1].write_text(json.dumps({"machine": {"precision": precision},
+                                         "runs": [run, run]}), encoding="utf-8")
+    legacy = tmp_path / "legacy.json"  # a record from before runs carried their precision
+    legacy.write_text(json.dumps({"runs": [run]}), encoding="utf-8")
+    out = tmp_path / "fig.png"
+    replot = tta.main(["--plot-from", *map(str, files), str(legacy), "--plot", str(out)])
+    curves = [tta.curve(r) for r in replot["runs"]]
+    assert [c[-1] for c in curves] == ["fp32", "fp32", "bf16", "bf16", None]
+    assert len(set(curves)) == 3 and len({c[:-1] for c in curves}) == 1
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def script_with_a_model(name: str, endonuke: Path, tmp_path: Path, monkeypatch):
