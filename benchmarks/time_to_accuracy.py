@@ -237,8 +237,9 @@ def plot(runs: Sequence[dict], path: Path) -> None:
 
     lines = dict.fromkeys(curve(r) for r in runs)
     for ax, (key, title) in zip(axes, keys, strict=True):
-        for ds, model, init, precision in lines:
-            mine = [r for r in runs if curve(r) == (ds, model, init, precision)]
+        for line in lines:
+            ds, model, init, precision = line
+            mine = [r for r in runs if curve(r) == line]
             mins = sorted({r["minutes"] for r in mine})
             vals = [[r["scores"][key] for r in mine if r["minutes"] == m] for m in mins]
             label = (f"{ds} {model}" + ("" if init == "none" else f" from {Path(init).name}")

@@ -75,7 +75,6 @@ def test_weighted_ce_absent_class_gives_no_nan():
     assert torch.isfinite(weighted_cross_entropy(torch.randn(1, 4, 3, 3), bg))
 
 
-
 def _cell_balanced_by_hand(logits, idx, weight) -> float:
     """Mean over the pixels of ``-log p(cell or background) + w_c * -log p(c | cell)``, with
     ``idx`` the class of each pixel (the last channel background) and ``weight`` by class."""
@@ -91,6 +90,7 @@ def _cell_balanced_by_hand(logits, idx, weight) -> float:
         else:
             total -= math.log(cell) + weight[k] * math.log(p[bi, k, r, c] / cell)
     return total / idx.numel()
+
 
 def test_cell_balanced_ce_weighs_cell_classes_alike_and_detection_as_plain_ce():
     torch.manual_seed(3)
