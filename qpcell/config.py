@@ -118,6 +118,11 @@ class TrainConfig:
     # model included) instead of ``epochs``; the schedule spans the time (qpcell.schedule)
     time_budget_s: float | None = None
     val_share: float = 0.1  # a time-budgeted run validates for at most this share of it
+    # Not in the papers: a time-budgeted run also stops once its windows have covered the
+    # training images' area (at the model's scale) this many times, but not before min_steps
+    # steps (qpcell.schedule.step_cap); 0 = the time alone
+    max_passes: float = 0.0
+    min_steps: int = 0
     # Not in the papers: with at most refit_max_images annotated images, the last refit_share
     # of the run (time or epochs) trains on every image, the validation images too; the
     # post-processing settings are chosen on the validation images just before (qpcell.train)

@@ -54,7 +54,7 @@ from qpcell.errors import Interrupted, QpcellError
 from qpcell.io.atomic import atomic_open
 from qpcell.points import AnnotatedImage, CellClass
 from qpcell.pretrained import Transfer, resolve_init, transfer_weights
-from qpcell.schedule import LR_SCHEDULES, Budget, lr_at
+from qpcell.schedule import LR_SCHEDULES, Budget, lr_at, step_cap
 from qpcell.train_guard import check_resume_state
 from qpcell.tuning import edge_notes, image_maps, tune_class_gain, tune_postprocess, validate
 
@@ -616,21 +616,48 @@ def refit_note(n_images: int, share: float, epoch: int) -> str:
             "so the model is not validated after that")
 
 
+def annotated_area_px(image: TrainImage) -> float:
+    """The area (pixels² at the model's scale) of ``image`` that carries annotations: its
+    annotated regions within the image, or the whole image when it has none."""
+    h, w = image.pixels.shape[:2]
+    if not image.regions:
+        return float(h * w)
+    from shapely.geometry import box
+    from shapely.ops import unary_union
+
+    return float(unary_union(image.regions).intersection(box(0, 0, w, h)).area)
+
+
+def cap_note(cap: int, train_cfg: TrainConfig) -> str:
+    """What the user is told of a time budget's step cap (:func:`qpcell.schedule.step_cap`)."""
+    return (f"the run ends after {train_cfg.time_budget_s / 60:g} min or {cap:,} steps, "
+            f"whichever comes first: {train_cfg.max_passes:g} passes over the training images"
+            + (f", at least {train_cfg.min_steps:,} steps" if train_cfg.min_steps else "")
+            + "; more steps than the annotations can use only over-fit them (--max-passes 0: "
+            "the time alone)")
+
+
 def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: TrainConfig,
                  patch_cfg: PatchConfig, mask_cfg: MaskConfig, callbacks: TrainCallbacks,
                  max_steps_per_epoch: int | None, extra: tuple, extra_meta: dict | None
                  ) -> None:
     """Stages 3 and 4: rounds of steps, each followed by validation and keeping the best."""
     budget = None
+    done_steps = sum(h.steps for h in run.history)  # before a resume, too
     if train_cfg.time_budget_s is not None:
-        budget = Budget(train_cfg.time_budget_s, val_share=train_cfg.val_share)
+        cap = step_cap(sum(annotated_area_px(d) for d in prep.train_set),
+                       train_cfg.batch_size * run.ctx.world_size, patch_cfg.size,
+                       train_cfg.max_passes, train_cfg.min_steps)
+        budget = Budget(train_cfg.time_budget_s, val_share=train_cfg.val_share, max_steps=cap)
         budget.start(time.perf_counter() - run.elapsed)
+        if cap is not None and run.start_epoch == 1:
+            callbacks.on_note(cap_note(cap, train_cfg))
     refit = refits(train_cfg, len(prep.data), len(prep.val_set))
     first_refit = refit_epoch(train_cfg) if refit and budget is None else None
 
     def refit_due(now: float) -> bool:  # a time budget's refit begins after this round
         return (refit and run.refit is None
-                and budget.progress(now) >= 1 - train_cfg.refit_share)
+                and budget.progress(now, done_steps) >= 1 - train_cfg.refit_share)
 
     train_set = prep.data if run.refit else prep.train_set
     if run.refit and budget is not None:
@@ -652,7 +679,7 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
             epoch += 1
             if budget is None and epoch > train_cfg.epochs:
                 break
-            if budget is not None and budget.done(time.perf_counter()):
+            if budget is not None and budget.done(time.perf_counter(), done_steps):
                 break
             t0 = time.perf_counter()
             if epoch > run.start_epoch:
@@ -665,8 +692,8 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
                 for step, (x, targets) in enumerate(loader, steps + 1):
                     now = time.perf_counter()
                     if budget is not None:
-                        progress = budget.progress(now)
-                        left = budget.left(now)
+                        progress = budget.progress(now, done_steps)
+                        left = budget.left(now, done_steps)
                     else:
                         progress = ((epoch - 1) + (step - 1) / batches) / train_cfg.epochs
                         left = None
@@ -674,6 +701,7 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
                     value, parts = train_step(run, x, targets, lr, epoch)
                     total += value
                     steps += 1
+                    done_steps += 1
                     for k, v in parts.items():
                         parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
                     callbacks.on_batch(epoch, step, value, progress, left)
@@ -681,8 +709,8 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
                     if budget is None:
                         if max_steps_per_epoch and step >= max_steps_per_epoch:
                             break
-                    elif budget.done(now) or (run.refit is None and (
-                            budget.should_validate(now) or refit_due(now))):
+                    elif budget.done(now, done_steps) or (run.refit is None and (
+                            budget.should_validate(now, done_steps) or refit_due(now))):
                         break
                 else:  # the loader ran dry: an epoch ends, a budget round draws more windows
                     if budget is not None:
@@ -694,7 +722,8 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
             last_done = epoch - 1
             now = time.perf_counter()
             switch = (refit and run.refit is None and epoch + 1 == first_refit
-                      if budget is None else refit_due(now) and not budget.done(now))
+                      if budget is None else refit_due(now)
+                      and not budget.done(now, done_steps))
             if run.refit is not None:  # a round on every image: nothing left to validate on
                 setting, f1, cf1 = run.refit["setting"], math.nan, math.nan
                 is_best = False
@@ -704,7 +733,8 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
                              run.kind, run.device, quick=budget is not None and not switch)
                     if run.ctx.is_main else None, run.ctx)  # rank 0 validates; others wait
                 if budget is not None:
-                    budget.validated(time.perf_counter(), time.perf_counter() - now)
+                    budget.validated(time.perf_counter(), time.perf_counter() - now,
+                                     done_steps)
                 is_best = keep_if_best(run, epoch, setting, f1, cf1, train_cfg.select_on)
             if run.ctx.is_main and train_cfg.keep_epochs:
                 scores = (f1, cf1) if run.refit is None else (run.refit["f1"],

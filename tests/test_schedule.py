@@ -5,7 +5,7 @@ import math
 import pytest
 
 from qpcell.errors import QpcellError
-from qpcell.schedule import Budget, lr_at
+from qpcell.schedule import Budget, lr_at, step_cap
 
 
 def test_constant_schedule_is_the_papers():
@@ -47,13 +47,14 @@ def simulate(budget: Budget, step_s: float, val_s: float) -> tuple[float, int, f
     end time, the validations, the time spent validating and the last progress seen."""
     now = 0.0
     budget.start(now)
-    validations, val_time, progress = 0, 0.0, 0.0
-    while not budget.done(now):
-        progress = budget.progress(now)
+    validations, val_time, progress, steps = 0, 0.0, 0.0, 0
+    while not budget.done(now, steps):
+        progress = budget.progress(now, steps)
         now += step_s
-        if budget.should_validate(now):
+        steps += 1
+        if budget.should_validate(now, steps):
             now += val_s
-            budget.validated(now, val_s)
+            budget.validated(now, val_s, steps)
             validations, val_time = validations + 1, val_time + val_s
     final = budget.final_factor * val_s  # the kept model's full search
     now += final + 1.0  # and writing the model
@@ -72,6 +73,39 @@ def test_a_budgeted_run_ends_on_time_and_validates_at_most_a_tenth(seconds, step
     assert validations >= 2
     assert validations <= budget.max_rounds + 1
     assert progress > 0.95  # the schedule ran to its end
+
+
+def test_a_step_cap_ends_the_run_early_with_the_schedule_and_rounds_fitted_to_it():
+    seconds, step_s, val_s = 600, 0.1, 1.0  # 6,000 steps of time, a cap of 1,500
+    budget = Budget(seconds, val_share=0.1, max_steps=1500)
+    end, validations, val_time, progress = simulate(budget, step_s, val_s)
+    assert end < 0.4 * seconds  # stopped on the cap, not the clock
+    assert progress > 0.95  # the learning-rate schedule still ran to its end
+    assert budget.done(end, 1500) and not budget.done(0.5, 1499)
+    assert 4 <= validations <= budget.max_rounds + 1  # rounds spread over the shorter run
+    assert val_time <= 0.1 * end + val_s
+
+
+def test_the_slower_of_time_and_steps_sets_progress():
+    budget = Budget(100, max_steps=1000, final_factor=0.0)
+    budget.start(0.0)
+    assert budget.progress(49.0, 100) == pytest.approx(0.5)  # time leads
+    assert budget.progress(10.0, 700) == pytest.approx(0.7)  # the steps lead
+    assert budget.left(10.0, 700) == pytest.approx(300 * 10.0 / 700 + 2.0)  # at the rate so far
+    assert budget.left(90.0, 100) == pytest.approx(10.0)  # the clock is the nearer end
+
+
+def test_step_cap_follows_the_area_and_keeps_a_floor():
+    one = step_cap(10 * 128 * 128, batch_size=8, window_px=128, passes=80)
+    assert one == 100
+    assert step_cap(40 * 128 * 128, batch_size=8, window_px=128, passes=80) == 4 * one
+    assert step_cap(10 * 128 * 128, batch_size=8, window_px=128, passes=80,
+                    min_steps=500) == 500
+    assert step_cap(10 * 128 * 128, batch_size=8, window_px=128, passes=0) is None
+    with pytest.raises(QpcellError):
+        step_cap(100, batch_size=8, window_px=128, passes=-1)
+    with pytest.raises(QpcellError):
+        Budget(10, max_steps=0)
 
 
 def test_cheap_validation_is_capped_by_max_rounds():

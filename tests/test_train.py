@@ -307,6 +307,33 @@ def test_a_time_budget_ends_on_time_with_the_schedule_run_out(tmp_path):
     assert config["model"]["batch_norm"] is True
 
 
+def test_a_step_cap_ends_a_long_budget_early_with_the_schedule_run_out(tmp_path):
+    from qpcell.recipe import recipe
+    from qpcell.train import TrainCallbacks
+
+    class Notes(TrainCallbacks):
+        def __init__(self):
+            self.notes = []
+
+        def on_note(self, text):
+            self.notes.append(text)
+
+    classes, data = tiny_data(4, 96)
+    rec = recipe("fast")
+    said = Notes()
+    cfg = replace(rec.train, time_budget_s=600.0, seed=0, max_passes=1.0, min_steps=24)
+    result = train([], classes, tmp_path / "m", model_name="unet",
+                   model_kwargs={**rec.model_kwargs, "base": 4},
+                   model_mpp=None, prepared=data, val_names=[data[0].name], train_cfg=cfg,
+                   mask_cfg=rec.mask, patch_cfg=replace(rec.patch, size=64), device="cpu",
+                   callbacks=said)
+    assert sum(h.steps for h in result.history) == 24  # the floor: one pass is a step here
+    assert result.seconds < 120  # nowhere near the 10 minutes
+    assert result.history[-1].lr < 0.05 * rec.train.lr  # the cosine ran out on the cap
+    assert len(result.history) >= 2  # validation rounds spread over the shortened run
+    assert any("24 steps" in n and "--max-passes 0" in n for n in said.notes)
+
+
 def test_each_recipe_names_the_network_it_trains():
     from qpcell.errors import QpcellError
     from qpcell.recipe import default_model, recipe

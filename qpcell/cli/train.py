@@ -185,6 +185,12 @@ def train_command(
                                              "included); the learning rate, validation and "
                                              "stopping fit the time. Default with --recipe "
                                              "fast and no --epochs: 10."),
+    max_passes: float | None = typer.Option(None, "--max-passes", min=0.0, help="With a time "
+                                            "budget: also stop once the training windows "
+                                            "have covered the training images this many "
+                                            "times (fast: 150, at least 1,000 steps; 0: the "
+                                            "time alone). On a fast CPU or a GPU the run then "
+                                            "ends early instead of over-fitting."),
     epochs: int | None = typer.Option(None, help="Train for this many epochs instead of a "
                                       "time budget (default with --recipe paper: 100)."),
     batch_size: int | None = typer.Option(None, help="Patches per batch (S-DRDIN: 4; "
@@ -302,7 +308,7 @@ def train_command(
                         keep_epochs=keep_epochs, time_budget_s=budget_s,
                         **given(epochs=epochs, batch_size=batch_size, lr=lr,
                                 lr_schedule=lr_schedule, select_on=select_on,
-                                refit_share=refit, ema_decay=ema))
+                                refit_share=refit, ema_decay=ema, max_passes=max_passes))
     patch_cfg = replace(rec.patch, **given(size=patch_size, stride=stride, sampling=sampling,
                                            background_fraction=background_fraction,
                                            rotate90=rotate90, colour_jitter=colour_jitter,
