@@ -93,12 +93,14 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     out = tmp_path / "budget"
     code, stdout, stderr = cli("train", project, "--out", out, "--base", "4", "--time-budget",
                                "0.15", "--patch-size", "64", "--model-mpp", "native",
-                               "--device", "cpu")
+                               "--device", "cpu", "--max-passes", "2")
     assert code == 0, stderr
     assert "recipe fast, time budget 0.15 min" in stdout
+    assert "or 1,000 steps, whichever comes first: 2 passes" in " ".join(stdout.split())
     config = json.loads((out / "config.json").read_text())
     training = config["training"]
     assert training["config"]["time_budget_s"] == pytest.approx(9.0)
+    assert training["config"]["max_passes"] == 2 and training["config"]["min_steps"] == 1000
     assert training["config"]["lr_schedule"] == "cosine"
     assert training["patch"]["sampling"] == "cells" and training["patch"]["size"] == 64
     assert config["model"]["batch_norm"] is True

@@ -334,6 +334,21 @@ def test_a_step_cap_ends_a_long_budget_early_with_the_schedule_run_out(tmp_path)
     assert any("24 steps" in n and "--max-passes 0" in n for n in said.notes)
 
 
+def test_the_step_cap_counts_only_the_annotated_area():
+    from shapely.geometry import box
+
+    from qpcell.train import annotated_area_px
+
+    pixels = np.zeros((100, 200, 3), np.uint8)
+    xy, labels = np.zeros((0, 2)), np.zeros(0, np.int64)
+    assert annotated_area_px(TrainImage("a", pixels, xy, labels, None)) == 100 * 200
+    quarter = [box(0, 0, 100, 50)]
+    assert annotated_area_px(TrainImage("a", pixels, xy, labels, quarter)) == 100 * 50
+    # overlapping regions count once; a region past the image edge is clipped to it
+    regions = [box(0, 0, 100, 50), box(50, 0, 100, 50), box(150, 50, 400, 300)]
+    assert annotated_area_px(TrainImage("a", pixels, xy, labels, regions)) == 5000 + 50 * 50
+
+
 def test_each_recipe_names_the_network_it_trains():
     from qpcell.errors import QpcellError
     from qpcell.recipe import default_model, recipe

@@ -183,7 +183,8 @@ def train_command(
     time_budget: float | None = typer.Option(None, "--time-budget", help="Train for this many "
                                              "minutes (validation and writing the model "
                                              "included); the learning rate, validation and "
-                                             "stopping fit the time. Default with --recipe "
+                                             "stopping fit the time (or --max-passes, "
+                                             "whichever ends first). Default with --recipe "
                                              "fast and no --epochs: 10."),
     max_passes: float | None = typer.Option(None, "--max-passes", min=0.0, help="With a time "
                                             "budget: also stop once the training windows "
