@@ -159,11 +159,6 @@ class Budget:
         share = self.val_share / 2
         return self.val_cost * (1.0 - share) / share
 
-    def interval(self) -> float:
-        """Training seconds between validations of a run limited by time alone: the
-        :meth:`cost_interval`, and at least ``1 / max_rounds`` of the training time."""
-        return max(self.cost_interval(), self.train_seconds / max(1, self.max_rounds))
-
     def should_validate(self, now: float, steps: int = 0) -> bool:
         """True when it is time for a validation round: at least ``1 / max_rounds`` of the run
         and the :meth:`cost_interval` since the last one, and never in the last stretch, where

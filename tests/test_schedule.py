@@ -118,7 +118,7 @@ def test_interval_follows_the_measured_validation_cost():
     budget = Budget(1000, val_share=0.1)
     budget.start(0.0)
     budget.validated(100.0, 30.0)
-    assert budget.interval() == pytest.approx(570.0)  # 30 s of validation per 600 s
+    assert budget.cost_interval() == pytest.approx(570.0)  # 30 s of validation per 600 s
     assert budget.reserve > 30.0  # the final validation is kept back from training
 
 
