@@ -17,10 +17,11 @@ scanners and pixel sizes it was not built for. Each of its changes was measured 
   instead of every stride-120 window of every image;
 * the time budget also ends after 150 passes of the windows over the training images (at least
   1,000 steps, :func:`qpcell.schedule.step_cap`): on a CPU with native bf16 ten minutes hold
-  5,000-6,000 steps on EndoNuke's 132 training tiles, thirty minutes 18,000, and those scored no
-  better (validation detection F1 peaked after about 5,000); on NuCLS's seven tiles 6,500 steps
-  scored below 1,300 on a slower machine. The schedule spans whichever ends first, so a fast
-  machine or a GPU finishes early with the learning rate run down;
+  5,300-6,000 steps on EndoNuke's 132 training tiles, thirty minutes 18,000, and those scored no
+  better. With the cap a 30-minute EndoNuke budget ends after 5,227 steps (9-10 minutes there)
+  and a 10-minute NuCLS one after 1,000 (1.5 minutes), each level with the uncapped runs over
+  three seeds. The schedule spans whichever end comes first, so a fast machine or a GPU
+  finishes early with the learning rate run down;
 * the round kept is the best on detection and classification together (``combined``): with
   the cosine the last rounds sharpen the classes most, often at an equal detection F1;
 * with at most 30 images, the last 30% of the run trains on every image, the validation
