@@ -142,6 +142,7 @@ def test_progress_lines_reach_a_log_file():
     (("predict", "nowhere", "nowhere", "--out", "o"), "not a qpcell model"),
     (("train", ".", "--out", "m", "--epochs", "3", "--time-budget", "1"), "not both"),
     (("train", ".", "--out", "m", "--time-budget", "-1"), "positive number of minutes"),
+    (("train", ".", "--out", "m", "--epochs", "3", "--max-passes", "50"), "ends a time budget"),
     (("train", ".", "--out", "m", "--recipe", "slow"), "--recipe 'slow'"),
     (("train", ".", "--out", "m", "--sampling", "random"), "--sampling 'random'"),
     (("train", ".", "--out", "m", "--refit", "1"), "--refit 1.0"),

@@ -301,6 +301,9 @@ def train_command(
     budget_s = (time_budget * 60 if time_budget is not None else
                 None if epochs is not None or recipe_name == "paper" else
                 DEFAULT_BUDGET_MIN * 60)
+    if max_passes is not None and budget_s is None:
+        raise QpcellError("--max-passes ends a time budget early; a run of --epochs ends after "
+                          "its epochs")
 
     def given(**values):
         return {k: v for k, v in values.items() if v is not None}
