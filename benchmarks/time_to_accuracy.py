@@ -22,6 +22,7 @@ Usage::
     python benchmarks/time_to_accuracy.py --datasets endonuke --minutes 5,10,30 --seeds 0,1,2 \\
         --json tta.json --plot docs/figures/time-to-accuracy.png
     python benchmarks/time_to_accuracy.py --recipe paper --minutes 10     # the paper's recipe
+    python benchmarks/time_to_accuracy.py --minutes 30 --score-rounds   # every round on test
     python benchmarks/time_to_accuracy.py --smoke                         # seconds, for tests
 """
 
@@ -40,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from accuracy import data_root, scores_of, summarise  # noqa: E402
+from accuracy import data_root, epoch_picks, scores_of, summarise  # noqa: E402
 
 from qpcell.errors import QpcellError  # noqa: E402
 
@@ -140,21 +141,23 @@ def with_overrides(rec, overrides: Sequence[str]):
 def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: Path, *,
             device: str | None = None, base: int | None = None,
             overrides: Sequence[str] = (), model: str | None = None, init: str = "none",
-            train_images: int | None = None, model_mpp: float | None = None) -> dict:
+            train_images: int | None = None, model_mpp: float | None = None,
+            score_rounds: bool = False) -> dict:
     """Train with a time budget as ``qpcell train`` does, predict the test images, score.
 
     ``init`` is the starting weights (``builtin``, ``none`` or a model folder; default
     ``none``, as ``qpcell train``). ``train_images``: train (and validate) on only this many
     of the training images, drawn by the seed, as a user with a few annotated tiles does;
     the test images stay all of them. ``model_mpp``: the scale the model works at (µm/px;
-    default the paper's 0.44, as ``qpcell train``)."""
-    from qpcell.checkpoint import load_model
+    default the paper's 0.44, as ``qpcell train``). ``score_rounds``: also save every
+    validation round's model and score it on the test images, with what each rule for the
+    kept round would have scored (``round_scores``, ``picks``); the test images choose
+    nothing. A round's model is scored with the setting its round chose (the threshold alone,
+    :func:`qpcell.tuning.tune_postprocess` ``quick``), so the rounds compare among themselves;
+    the run's own ``scores`` are the kept model's after the full search at the end."""
     from qpcell.config import PAPER_MPP
-    from qpcell.io.slides import open_slide
-    from qpcell.metrics import score_dataset
-    from qpcell.predict import Predictor, predict_slide
     from qpcell.recipe import default_model, recipe
-    from qpcell.train import estimate_source_mpp, train
+    from qpcell.train import epoch_dir, estimate_source_mpp, train
 
     model = model or default_model(recipe_name)
     rec = with_overrides(recipe(recipe_name, model), overrides)
@@ -176,24 +179,26 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     t0 = time.perf_counter()
     result = train(split.trainval, split.classes, out, model_name=model,
                    model_kwargs=kwargs, model_mpp=work_mpp,
-                   train_cfg=replace(rec.train, seed=seed, time_budget_s=minutes * 60),
+                   train_cfg=replace(rec.train, seed=seed, time_budget_s=minutes * 60,
+                                     keep_epochs=rec.train.keep_epochs or score_rounds),
                    mask_cfg=rec.mask, patch_cfg=rec.patch, post_cfg=rec.post,
                    match_radius_px=model_px, init=init,
                    device=device)
     train_s = time.perf_counter() - t0
-    bundle = load_model(out, device=device)
-    predictor = Predictor.from_bundle(bundle)
-    preds = []
     t1 = time.perf_counter()
-    for ann in split.test:
-        with open_slide(ann.image, mpp=source_mpp) as slide:
-            preds.append(predict_slide(slide, predictor.map_fn, predictor.postprocess_fn,
-                                       mpp=predictor.mpp, classes=predictor.classes,
-                                       reach_px=predictor.reach_px, tissue=False))
-    report = score_dataset(list(zip(preds, split.test, strict=True)),
-                           [c.name for c in split.classes], split.radius_px)
+    bundle, scores = test_scores(out, split, source_mpp, device)
+    predict_s = time.perf_counter() - t1
     setting = bundle.meta["postprocess"]
     steps = int(sum(h.steps for h in result.history))
+    extra = {}
+    if score_rounds:
+        extra["round_scores"] = [
+            {"round": h.epoch, "val_f1": h.val_f1, "val_class_f1": h.val_class_f1,
+             "test": test_scores(epoch_dir(out, h.epoch), split, source_mpp, device)[1]}
+            for h in result.history]
+        extra["picks"] = epoch_picks(result.history,
+                                     [{"epoch": r["round"], "test": r["test"]}
+                                      for r in extra["round_scores"]])
     return {"method": f"{split.name} {minutes:g} min" + (
                 f" from {init}" if init != "none" else "") + (
                 f" ({train_images} images)" if train_images is not None else ""),
@@ -201,7 +206,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             "model": model, "model_spec": bundle.meta.get("model"), "init": init,
             "train_images": len(split.trainval),
             "model_mpp": work_mpp,
-            "train_seconds": train_s, "predict_seconds": time.perf_counter() - t1,
+            "train_seconds": train_s, "predict_seconds": predict_s,
             "rounds": len(result.history), "best_round": result.best_epoch,
             "steps": steps, "patches": result.n_patches,
             # steps per second of the whole run, validation included: how fast this machine
@@ -209,7 +214,30 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             "steps_per_second": steps / train_s,
             "val_f1": result.val_f1, "source_mpp": info, "threshold": setting["threshold"],
             "peak_window_px": setting["peak_window_px"], "notes": result.notes,
-            "overrides": list(overrides), "scores": scores_of(report)}
+            "overrides": list(overrides), "scores": scores, **extra}
+
+
+def test_scores(model_dir: Path, split: Split, source_mpp: float | None,
+                device: str | None) -> tuple:
+    """The model in ``model_dir`` (its bundle) and its scores on ``split``'s test images,
+    predicted as ``qpcell predict`` reads them (tiles at the model's µm/px; ``source_mpp``:
+    the training's estimate for images without a pixel size)."""
+    from qpcell.checkpoint import load_model
+    from qpcell.io.slides import open_slide
+    from qpcell.metrics import score_dataset
+    from qpcell.predict import Predictor, predict_slide
+
+    bundle = load_model(model_dir, device=device)
+    predictor = Predictor.from_bundle(bundle)
+    preds = []
+    for ann in split.test:
+        with open_slide(ann.image, mpp=source_mpp) as slide:
+            preds.append(predict_slide(slide, predictor.map_fn, predictor.postprocess_fn,
+                                       mpp=predictor.mpp, classes=predictor.classes,
+                                       reach_px=predictor.reach_px, tissue=False))
+    report = score_dataset(list(zip(preds, split.test, strict=True)),
+                           [c.name for c in split.classes], split.radius_px)
+    return bundle, scores_of(report)
 
 
 def curve(run: dict) -> tuple[str, str, str, str | None]:
@@ -291,6 +319,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--plot-from", type=Path, nargs="+", default=None, metavar="JSON",
                    help="draw --plot from the runs of earlier --json files; train nothing")
+    p.add_argument("--score-rounds", action="store_true", help="also score every "
+                   "validation round's model on the test images (with the threshold its round "
+                   "chose), and what each rule for the kept round would have kept (the test "
+                   "images choose nothing)")
     p.add_argument("--smoke", action="store_true", help="6 training and 3 test images, "
                    "a few seconds of training, narrow network: for the tests")
     return p.parse_args(argv)
@@ -340,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 run = run_one(split, m, seed, args.recipe, args.workdir, device=args.device,
                               base=4 if args.smoke else args.base, overrides=args.set,
                               model=args.model, init=args.init,
-                              train_images=args.train_images, model_mpp=args.model_mpp)
+                              train_images=args.train_images, model_mpp=args.model_mpp,
+                              score_rounds=args.score_rounds)
                 run["precision"] = machine["precision"]
                 runs.append(run)
                 s = run["scores"]
@@ -351,6 +384,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       f"{run['steps']} steps, {run['train_seconds']:.0f} s, "
                       f"{run['steps_per_second']:.2f} steps/s, thr "
                       f"{run['threshold']}, window {run['peak_window_px']}]", flush=True)
+                for rule, pick in run.get("picks", {}).items():
+                    t = pick["test"]
+                    print(f"    {rule}: round {pick['epoch']}, test {t['detection_f1']:.3f} / "
+                          f"{t['weighted_f1']:.3f} / {t['mean_class_aware_f1']:.3f}",
+                          flush=True)
     summary = summarise(runs)
     for method, stats in summary.items():
         print(f"{method}: " + "  ".join(

@@ -340,6 +340,27 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
         tta.main(["--smoke", "--datasets", "kidney"])
 
 
+def test_time_to_accuracy_scores_every_round_and_what_each_rule_keeps(endonuke, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    tta = load_script("time_to_accuracy")
+    # no refit, so that every round is validated and any of them could be kept
+    result = tta.main(["--smoke", "--datasets", "endonuke", "--minutes", "0.15",
+                       "--workdir", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
+                       "--device", "cpu", "--score-rounds", "--set", "train.refit_share=0"])
+    run = result["runs"][0]
+    rounds = run["round_scores"]
+    assert [r["round"] for r in rounds] == list(range(1, run["rounds"] + 1))
+    assert all(0.0 <= r["test"]["detection_f1"] <= 1.0 for r in rounds)
+    picks = run["picks"]
+    # the fast recipe keeps on "combined": that rule's round is the kept model (whose own
+    # scores come after the whole search at the end, its round's after the threshold alone)
+    assert picks["kept on combined"]["epoch"] == run["best_round"]
+    assert picks["last epoch"]["test"] == rounds[-1]["test"]
+    best = max(r["test"]["weighted_f1"] for r in rounds)
+    assert picks["best test weighted_f1"]["test"]["weighted_f1"] == best
+
+
 def test_time_to_accuracy_figure_keeps_precisions_apart(tmp_path):
     tta = load_script("time_to_accuracy")
     scores = {"detection_f1": 0.9, "weighted_f1": 0.9, "mean_class_aware_f1": 0.5}
