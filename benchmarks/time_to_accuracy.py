@@ -186,7 +186,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
                    device=device)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    bundle, scores = test_scores(out, split, source_mpp, device)
+    bundle, scores = score_on_test(out, split, source_mpp, device)
     predict_s = time.perf_counter() - t1
     setting = bundle.meta["postprocess"]
     steps = int(sum(h.steps for h in result.history))
@@ -194,7 +194,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     if score_rounds:
         extra["round_scores"] = [
             {"round": h.epoch, "val_f1": h.val_f1, "val_class_f1": h.val_class_f1,
-             "test": test_scores(epoch_dir(out, h.epoch), split, source_mpp, device)[1]}
+             "test": score_on_test(epoch_dir(out, h.epoch), split, source_mpp, device)[1]}
             for h in result.history]
         extra["picks"] = epoch_picks(result.history,
                                      [{"epoch": r["round"], "test": r["test"]}
@@ -217,7 +217,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             "overrides": list(overrides), "scores": scores, **extra}
 
 
-def test_scores(model_dir: Path, split: Split, source_mpp: float | None,
+def score_on_test(model_dir: Path, split: Split, source_mpp: float | None,
                 device: str | None) -> tuple:
     """The model in ``model_dir`` (its bundle) and its scores on ``split``'s test images,
     predicted as ``qpcell predict`` reads them (tiles at the model's µm/px; ``source_mpp``:
