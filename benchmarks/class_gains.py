@@ -26,25 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from accuracy import data_root, scores_of  # noqa: E402
-from time_to_accuracy import DATASETS, load_split  # noqa: E402
+from time_to_accuracy import DATASETS, load_split, predict_images  # noqa: E402
 
 
 def predict_all(model_dir: Path, images: Sequence, source_mpp: float | None) -> list:
     """Detections of ``images`` with every class gain 1 (class probabilities kept)."""
     from qpcell.checkpoint import load_model
-    from qpcell.io.slides import open_slide
-    from qpcell.predict import Predictor, predict_slide
 
     bundle = load_model(model_dir, device="cpu")
     bundle.postprocess = replace(bundle.postprocess, class_gain=())
-    predictor = Predictor.from_bundle(bundle)
-    preds = []
-    for ann in images:
-        with open_slide(ann.image, mpp=source_mpp) as slide:
-            preds.append(predict_slide(slide, predictor.map_fn, predictor.postprocess_fn,
-                                       mpp=predictor.mpp, classes=predictor.classes,
-                                       reach_px=predictor.reach_px, tissue=False))
-    return preds
+    return predict_images(bundle, images, source_mpp)
 
 
 def run_model(model_dir: Path, split, grids: Sequence[tuple[float, ...]],

@@ -217,25 +217,33 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             "overrides": list(overrides), "scores": scores, **extra}
 
 
-def score_on_test(model_dir: Path, split: Split, source_mpp: float | None,
-                device: str | None) -> tuple:
-    """The model in ``model_dir`` (its bundle) and its scores on ``split``'s test images,
-    predicted as ``qpcell predict`` reads them (tiles at the model's µm/px; ``source_mpp``:
-    the training's estimate for images without a pixel size)."""
-    from qpcell.checkpoint import load_model
+def predict_images(bundle, images: Sequence, source_mpp: float | None) -> list:
+    """Detections of the model ``bundle`` on ``images`` (annotated images), read as ``qpcell
+    predict`` reads them: tiles at the model's µm/px, ``source_mpp`` (the training's estimate)
+    for images without a pixel size."""
     from qpcell.io.slides import open_slide
-    from qpcell.metrics import score_dataset
     from qpcell.predict import Predictor, predict_slide
 
-    bundle = load_model(model_dir, device=device)
     predictor = Predictor.from_bundle(bundle)
     preds = []
-    for ann in split.test:
+    for ann in images:
         with open_slide(ann.image, mpp=source_mpp) as slide:
             preds.append(predict_slide(slide, predictor.map_fn, predictor.postprocess_fn,
                                        mpp=predictor.mpp, classes=predictor.classes,
                                        reach_px=predictor.reach_px, tissue=False))
-    report = score_dataset(list(zip(preds, split.test, strict=True)),
+    return preds
+
+
+def score_on_test(model_dir: Path, split: Split, source_mpp: float | None,
+                  device: str | None) -> tuple:
+    """The model in ``model_dir`` (its bundle) and its scores on ``split``'s test images
+    (:func:`predict_images`)."""
+    from qpcell.checkpoint import load_model
+    from qpcell.metrics import score_dataset
+
+    bundle = load_model(model_dir, device=device)
+    report = score_dataset(list(zip(predict_images(bundle, split.test, source_mpp), split.test,
+                                    strict=True)),
                            [c.name for c in split.classes], split.radius_px)
     return bundle, scores_of(report)
 
