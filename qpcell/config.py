@@ -100,6 +100,9 @@ class TrainConfig:
     # S-DRDIN 2.3 keeps the learning rate constant; "cosine" lowers it to 0 by the last epoch
     lr_schedule: str = "constant"
     weight_decay: float = 0.0  # S-DRDIN: none stated
+    # Not in the papers: AdamW's decoupled decay (Loshchilov & Hutter, ICLR 2019) of the
+    # convolution and linear weights instead of Adam's L2 term on every parameter
+    decoupled_weight_decay: bool = False
     val_fraction: float = 0.3  # S-DRDIN 2.1: 7:3 train/validation split
     seed: int = 0
     num_workers: int | None = None  # DataLoader workers; None = by device and cores

@@ -396,8 +396,7 @@ def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, mo
     n = len(classes)
     target_fn = make_targets(radius) if make_targets else (
         lambda xy, lab, shape: sdrdin_targets(xy, lab, n, shape, radius))
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr,
-                                 weight_decay=train_cfg.weight_decay)
+    optimizer = make_optimizer(model, train_cfg)
     run = Run(model, model, optimizer, ctx, ctx.device, amp, layout,
               getattr(model, "postprocess_kind", "sdrdin"), bool(getattr(model, "has_cls", True)),
               target_fn, post, match_r, radius, np.random.default_rng(train_cfg.seed),
@@ -412,6 +411,20 @@ def build_run(prep: PreparedData, classes: Sequence[CellClass], out: Path, *, mo
         restore(run, state, train_cfg)
     run.ddp = wrap(model, ctx)  # the forward pass goes through DDP; everything else: `model`
     return run
+
+
+def make_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with ``train_cfg.weight_decay``: an L2 term on every parameter, or with
+    ``decoupled_weight_decay`` AdamW's decay of the weight tensors only (biases and
+    normalisation scales, the 1-D parameters, are not decayed)."""
+    if not train_cfg.decoupled_weight_decay:
+        return torch.optim.Adam(model.parameters(), lr=train_cfg.lr,
+                                weight_decay=train_cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1],
+               "weight_decay": train_cfg.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.Adam(groups, lr=train_cfg.lr, decoupled_weight_decay=True)
 
 
 def read_state(out: Path) -> dict:

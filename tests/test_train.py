@@ -228,6 +228,31 @@ def test_cosine_schedule_falls_from_the_paper_rate_and_constant_stays():
         epoch_lr(replace(cfg, lr_schedule="step"), 1)
 
 
+def test_decoupled_weight_decay_shrinks_only_the_weight_tensors():
+    from qpcell.train import make_optimizer
+
+    def step(decoupled: bool) -> tuple[torch.nn.Module, dict]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+        with torch.no_grad():
+            model[1].bias.fill_(0.5)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        cfg = replace(TrainConfig(), lr=0.1, weight_decay=0.5, decoupled_weight_decay=decoupled)
+        opt = make_optimizer(model, cfg)
+        for p in model.parameters():  # no gradient: only the decay moves a parameter
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        return model, before
+
+    model, before = step(True)
+    torch.testing.assert_close(model[0].weight, before["0.weight"] * (1 - 0.1 * 0.5))
+    for name in ("0.bias", "1.weight", "1.bias"):
+        assert torch.equal(model.state_dict()[name], before[name]), name
+    model, before = step(False)  # Adam's L2 term moves every parameter, biases included
+    assert not torch.equal(model[1].bias, before["1.bias"])
+    assert not torch.allclose(model[0].weight, before["0.weight"] * (1 - 0.1 * 0.5))
+
+
 def summary(epoch: int, f1: float, class_f1: float) -> EpochSummary:
     return EpochSummary(epoch, 1.0, {}, f1, class_f1, 0.5, 1.0, False)
 
