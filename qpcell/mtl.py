@@ -182,7 +182,8 @@ def train_mtl(images: Sequence[AnnotatedImage], classes: Sequence[CellClass], ou
     classes = tuple(classes)
     out = Path(out)
     train_cfg: TrainConfig = train_kwargs.pop("train_cfg", TrainConfig())
-    train_cfg = replace(train_cfg, lr=mtl_cfg.lr, weight_decay=mtl_cfg.weight_decay)
+    train_cfg = replace(train_cfg, lr=mtl_cfg.lr, weight_decay=mtl_cfg.weight_decay,
+                        decoupled_weight_decay=False)
     train_kwargs.setdefault("mask_cfg", MaskConfig(disc_radius_px=mtl_cfg.circle_radius_px,
                                                    mpp=mtl_cfg.mpp))
     resume = bool(train_kwargs.pop("resume", False))

@@ -74,10 +74,12 @@ def test_training_options_reach_the_saved_model(cli, project, tmp_path):
     out = tmp_path / "m"
     code, _, stderr = cli("train", project, "--out", out, "--base", "4", "--precision", "fp32",
                           "--lr-schedule", "cosine", "--rare-repeats", "3", "--select-on",
-                          "combined", "--keep-epochs", "--scale-jitter", "0.1", *TINY_TRAIN)
+                          "combined", "--keep-epochs", "--scale-jitter", "0.1",
+                          "--weight-decay", "0.01", *TINY_TRAIN)
     assert code == 0, stderr
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["config"]["precision"] == "fp32"
+    assert training["config"]["weight_decay"] == 0.01
     assert training["config"]["lr_schedule"] == "cosine"
     assert training["config"]["select_on"] == "combined"
     assert (out / "epochs" / "epoch-001" / "weights.safetensors").is_file()
@@ -102,6 +104,8 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     assert training["config"]["time_budget_s"] == pytest.approx(9.0)
     assert training["config"]["max_passes"] == 2 and training["config"]["min_steps"] == 1000
     assert training["config"]["lr_schedule"] == "cosine"
+    assert training["config"]["weight_decay"] == 0.05
+    assert training["config"]["decoupled_weight_decay"] is True
     assert training["patch"]["sampling"] == "cells" and training["patch"]["size"] == 64
     assert config["model"]["batch_norm"] is True
     out = tmp_path / "paper"
@@ -111,6 +115,7 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     assert "recipe paper, 1 epochs" in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["training"]["config"]["time_budget_s"] is None
+    assert config["training"]["config"]["weight_decay"] == 0.0
     assert config["training"]["patch"]["sampling"] == "grid"
     assert config["model"]["batch_norm"] is False
     assert config["mask"]["disc_radius_px"] == 2.0

@@ -58,7 +58,7 @@ def run(tmp_path_factory, one_thread):
             [], CLASSES, out, prepared=data, model_mpp=None,
             mtl_cfg=MTLConfig(prior_epochs=PRIOR_EPOCHS),
             train_cfg=TrainConfig(epochs=EPOCHS, batch_size=4, val_fraction=0.25, lr=0.1,
-                                  weight_decay=0.5),
+                                  weight_decay=0.5, decoupled_weight_decay=True),
             patch_cfg=PatchConfig(size=64, stride=32), max_steps_per_epoch=3,
             model_kwargs={"channels": 32}, device="cpu")
     return SimpleNamespace(out=out, data=data, calls=calls, result=result)
@@ -75,6 +75,7 @@ def test_stage1_is_an_early_stopped_ce_model(run):
     # the paper's optimiser settings replace train_cfg's
     assert kw["train_cfg"].lr == MTLConfig().lr == 1e-3
     assert kw["train_cfg"].weight_decay == MTLConfig().weight_decay == 2e-5
+    assert not kw["train_cfg"].decoupled_weight_decay  # paper 003's L2 term, not AdamW's
     assert [h.epoch for h in stage1.result.history] == list(range(1, PRIOR_EPOCHS + 1))
     assert kw.get("extra_maps") is None
 

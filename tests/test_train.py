@@ -384,6 +384,9 @@ def test_each_recipe_names_the_network_it_trains():
     # S-DRDIN's detection decoder gets the Dice term; the U-Net has no such head
     assert recipe("fast", "s-drdin").model_kwargs["det_dice"] == 1.0
     assert recipe("paper") == recipe("paper", "s-drdin")
+    fast, paper = recipe("fast").train, recipe("paper").train
+    assert fast.decoupled_weight_decay and fast.weight_decay == 0.05
+    assert not paper.decoupled_weight_decay and paper.weight_decay == 0.0
     with pytest.raises(QpcellError, match="unknown recipe 'quick'"):
         recipe("quick")
 

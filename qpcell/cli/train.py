@@ -198,6 +198,10 @@ def train_command(
                                           "fast: 8)."),
     lr: float | None = typer.Option(None, help="Adam learning rate (S-DRDIN: 1e-3; "
                                     "fast: 2e-3)."),
+    weight_decay: float | None = typer.Option(None, min=0.0, help="Weight decay (fast: "
+                                              "0.05, AdamW's decoupled decay of the weight "
+                                              "tensors; paper: 0; mtl-ihc keeps paper 003's "
+                                              "2e-5)."),
     lr_schedule: str | None = typer.Option(None, help="'constant' (S-DRDIN) or 'cosine' "
                                            "(down to 0 at the end; fast)."),
     select_on: str | None = typer.Option(None, help="Which round (epoch) to keep: "
@@ -311,6 +315,7 @@ def train_command(
     train_cfg = replace(rec.train, seed=seed, precision=precision,
                         keep_epochs=keep_epochs, time_budget_s=budget_s,
                         **given(epochs=epochs, batch_size=batch_size, lr=lr,
+                                weight_decay=weight_decay,
                                 lr_schedule=lr_schedule, select_on=select_on,
                                 refit_share=refit, ema_decay=ema, max_passes=max_passes))
     patch_cfg = replace(rec.patch, **given(size=patch_size, stride=stride, sampling=sampling,
