@@ -427,6 +427,24 @@ def make_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.opti
     return torch.optim.Adam(groups, lr=train_cfg.lr, decoupled_weight_decay=True)
 
 
+def regroup_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer,
+                            params: Sequence[torch.nn.Parameter]) -> dict:
+    """``saved``, an optimiser state of one parameter group over ``params`` in order (runs
+    started before the decoupled weight decay), laid out as ``optimizer``'s groups, so that
+    such a run resumes with its moments; any other state is returned as it is."""
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != 1 or len(groups) == 1:
+        return saved
+    position = {id(p): i for i, p in enumerate(params)}
+    state, n = {}, 0
+    for group in groups:
+        for p in group["params"]:
+            if position[id(p)] in saved["state"]:
+                state[n] = saved["state"][position[id(p)]]
+            n += 1
+    return {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+
+
 def read_state(out: Path) -> dict:
     """The resumable state in ``out`` (a one-line error when there is none or it is broken)."""
     path = out / RESUME
@@ -441,7 +459,8 @@ def read_state(out: Path) -> dict:
 def restore(run: Run, state: dict, train_cfg: TrainConfig) -> None:
     """Put ``run`` back where the saved ``state`` left it."""
     run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    run.optimizer.load_state_dict(regroup_optimizer_state(state["optimizer"], run.optimizer,
+                                                          list(run.model.parameters())))
     torch.set_rng_state(state["torch_rng"])
     best = json.loads(state["best"])
     best.setdefault("f1", best["key"][0])  # resume states before selection was a choice

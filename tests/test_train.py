@@ -311,6 +311,32 @@ def test_resume_reads_a_state_saved_before_selection_was_a_choice(tmp_path):
     assert result.best_epoch == pick_epoch(result.history, "combined")
 
 
+def test_a_run_started_without_decoupled_decay_resumes_with_it_and_keeps_its_moments(tmp_path):
+    from qpcell.train import make_optimizer, regroup_optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    old = make_optimizer(model, TrainConfig())  # one group, as every run before
+    model(torch.randn(2, 1, 6, 6)).square().mean().backward()
+    old.step()
+    saved = old.state_dict()
+    new = make_optimizer(model, replace(TrainConfig(), weight_decay=0.05,
+                                        decoupled_weight_decay=True))
+    new.load_state_dict(regroup_optimizer_state(saved, new, list(model.parameters())))
+    for p in model.parameters():
+        torch.testing.assert_close(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    assert [g["weight_decay"] for g in new.param_groups] == [0.05, 0.0]
+
+    classes, data = tiny_data(2, 96)
+    kwargs = dict(model_kwargs={"base": 4}, model_mpp=None, prepared=data, patch_cfg=PATCH,
+                  device="cpu", max_steps_per_epoch=2)
+    train([], classes, tmp_path / "m", train_cfg=replace(TrainConfig(), epochs=1), **kwargs)
+    result = train([], classes, tmp_path / "m", resume=True, **kwargs,
+                   train_cfg=replace(TrainConfig(), epochs=2, weight_decay=0.05,
+                                     decoupled_weight_decay=True))
+    assert [h.epoch for h in result.history] == [1, 2]
+
+
 def test_a_time_budget_ends_on_time_with_the_schedule_run_out(tmp_path):
     from qpcell.recipe import recipe
 
