@@ -104,7 +104,7 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     assert training["config"]["time_budget_s"] == pytest.approx(9.0)
     assert training["config"]["max_passes"] == 2 and training["config"]["min_steps"] == 1000
     assert training["config"]["lr_schedule"] == "cosine"
-    assert training["config"]["weight_decay"] == 0.05
+    assert training["config"]["weight_decay"] == 0.0
     assert training["config"]["decoupled_weight_decay"] is True
     assert training["patch"]["sampling"] == "cells" and training["patch"]["size"] == 64
     assert config["model"]["batch_norm"] is True

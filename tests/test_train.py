@@ -411,7 +411,7 @@ def test_each_recipe_names_the_network_it_trains():
     assert recipe("fast", "s-drdin").model_kwargs["det_dice"] == 1.0
     assert recipe("paper") == recipe("paper", "s-drdin")
     fast, paper = recipe("fast").train, recipe("paper").train
-    assert fast.decoupled_weight_decay and fast.weight_decay == 0.05
+    assert fast.decoupled_weight_decay and fast.weight_decay == 0.0
     assert not paper.decoupled_weight_decay and paper.weight_decay == 0.0
     with pytest.raises(QpcellError, match="unknown recipe 'quick'"):
         recipe("quick")

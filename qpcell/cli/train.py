@@ -198,10 +198,10 @@ def train_command(
                                           "fast: 8)."),
     lr: float | None = typer.Option(None, help="Adam learning rate (S-DRDIN: 1e-3; "
                                     "fast: 2e-3)."),
-    weight_decay: float | None = typer.Option(None, min=0.0, help="Weight decay (fast: "
-                                              "0.05, AdamW's decoupled decay of the weight "
-                                              "tensors; paper: 0; mtl-ihc keeps paper 003's "
-                                              "2e-5)."),
+    weight_decay: float | None = typer.Option(None, min=0.0, help="Weight decay (default "
+                                              "0; with --recipe fast AdamW's decoupled decay "
+                                              "of the weight tensors, e.g. 0.05; mtl-ihc "
+                                              "keeps paper 003's 2e-5)."),
     lr_schedule: str | None = typer.Option(None, help="'constant' (S-DRDIN) or 'cosine' "
                                            "(down to 0 at the end; fast)."),
     select_on: str | None = typer.Option(None, help="Which round (epoch) to keep: "
