@@ -142,7 +142,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             device: str | None = None, base: int | None = None,
             overrides: Sequence[str] = (), model: str | None = None, init: str = "none",
             train_images: int | None = None, model_mpp: float | None = None,
-            score_rounds: bool = False) -> dict:
+            score_rounds: bool = False, members: int | None = None) -> dict:
     """Train with a time budget as ``qpcell train`` does, predict the test images, score.
 
     ``init`` is the starting weights (``builtin``, ``none`` or a model folder; default
@@ -154,10 +154,14 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     kept round would have scored (``round_scores``, ``picks``); the test images choose
     nothing. A round's model is scored with the setting its round chose (the threshold alone,
     :func:`qpcell.tuning.tune_postprocess` ``quick``), so the rounds compare among themselves;
-    the run's own ``scores`` are the kept model's after the full search at the end."""
+    the run's own ``scores`` are the kept model's after the full search at the end.
+    ``members``: the models of an ensemble, as ``qpcell train --members`` (None: ``auto``,
+    as many as the budget holds after the step cap, :mod:`qpcell.train_ensemble`)."""
     from qpcell.config import PAPER_MPP
+    from qpcell.ensemble import MAX_MEMBERS
     from qpcell.recipe import default_model, recipe
-    from qpcell.train import epoch_dir, estimate_source_mpp, train
+    from qpcell.train import epoch_dir, estimate_source_mpp
+    from qpcell.train_ensemble import train_ensemble
 
     model = model or default_model(recipe_name)
     rec = with_overrides(recipe(recipe_name, model), overrides)
@@ -177,24 +181,28 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
         "" if model_mpp is None else f"-{model_mpp:g}mpp")
     out = workdir / f"{split.name}-{model}-{recipe_name}-{minutes:g}min-seed{seed}{tag}"
     t0 = time.perf_counter()
-    result = train(split.trainval, split.classes, out, model_name=model,
-                   model_kwargs=kwargs, model_mpp=work_mpp,
-                   train_cfg=replace(rec.train, seed=seed, time_budget_s=minutes * 60,
-                                     keep_epochs=rec.train.keep_epochs or score_rounds),
-                   mask_cfg=rec.mask, patch_cfg=rec.patch, post_cfg=rec.post,
-                   match_radius_px=model_px, init=init,
-                   device=device)
+    results = train_ensemble(split.trainval, split.classes, out, members=members,
+                             max_members=MAX_MEMBERS, model_name=model,
+                             model_kwargs=kwargs, model_mpp=work_mpp,
+                             train_cfg=replace(rec.train, seed=seed, time_budget_s=minutes * 60,
+                                               keep_epochs=rec.train.keep_epochs
+                                               or score_rounds),
+                             mask_cfg=rec.mask, patch_cfg=rec.patch, post_cfg=rec.post,
+                             match_radius_px=model_px, init=init,
+                             device=device)
+    result = results[0]  # rounds and the kept round: the first member's
+    first = out / "members" / "member-1" if len(results) > 1 else out
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     bundle, scores = score_on_test(out, split, source_mpp, device)
     predict_s = time.perf_counter() - t1
     setting = bundle.meta["postprocess"]
-    steps = int(sum(h.steps for h in result.history))
+    steps = int(sum(h.steps for r in results for h in r.history))
     extra = {}
     if score_rounds:
         extra["round_scores"] = [
             {"round": h.epoch, "val_f1": h.val_f1, "val_class_f1": h.val_class_f1,
-             "test": score_on_test(epoch_dir(out, h.epoch), split, source_mpp, device)[1]}
+             "test": score_on_test(epoch_dir(first, h.epoch), split, source_mpp, device)[1]}
             for h in result.history]
         extra["picks"] = epoch_picks(result.history,
                                      [{"epoch": r["round"], "test": r["test"]}
@@ -212,6 +220,8 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             # steps per second of the whole run, validation included: how fast this machine
             # trains (the same budget on a faster CPU takes more steps)
             "steps_per_second": steps / train_s,
+            "model_dir": str(out), "members": len(results),
+            "member_steps": [int(sum(h.steps for h in r.history)) for r in results],
             "val_f1": result.val_f1, "source_mpp": info, "threshold": setting["threshold"],
             "peak_window_px": setting["peak_window_px"], "notes": result.notes,
             "overrides": list(overrides), "scores": scores, **extra}
@@ -246,6 +256,57 @@ def score_on_test(model_dir: Path, split: Split, source_mpp: float | None,
                                     strict=True)),
                            [c.name for c in split.classes], split.radius_px)
     return bundle, scores_of(report)
+
+
+def score_ensembles(args: argparse.Namespace, root: Path) -> dict:
+    """``--ensembles-of``: each group of ``args.group`` model folders copied into one ensemble
+    folder (:func:`qpcell.train_ensemble.write_ensemble`) under ``args.workdir`` and scored on
+    the test images as :func:`run_one` scores a run."""
+    import shutil
+
+    from qpcell.checkpoint import CONFIG, WEIGHTS, read_config
+    from qpcell.predict import source_mpp_of
+    from qpcell.train_ensemble import write_ensemble
+
+    folders = list(args.ensembles_of)
+    if len(folders) % args.group:
+        sys.exit(f"time_to_accuracy: {len(folders)} model folders do not make groups of "
+                 f"{args.group}")
+    split = load_split(args.datasets.split(",")[0], root, args.cache)
+    runs = []
+    for i in range(0, len(folders), args.group):
+        group = folders[i:i + args.group]
+        seeds = [read_config(f)["training"]["config"]["seed"] for f in group]
+        out = args.workdir / f"{split.name}-ensemble-seeds-{'-'.join(map(str, seeds))}"
+        members = []
+        for k, folder in enumerate(group, 1):
+            member = out / "members" / f"member-{k}"
+            member.mkdir(parents=True, exist_ok=True)
+            for name in (CONFIG, WEIGHTS):
+                shutil.copy2(folder / name, member / name)
+            members.append(member)
+        write_ensemble(out, members)
+        t0 = time.perf_counter()
+        bundle, scores = score_on_test(out, split, source_mpp_of(read_config(out)),
+                                       args.device)
+        predict_s = time.perf_counter() - t0
+        runs.append({"method": f"{split.name} ensemble of {args.group}", "dataset": split.name,
+                     "seeds": seeds, "members": [str(f) for f in group],
+                     "postprocess": bundle.meta["postprocess"], "scores": scores,
+                     "predict_seconds": predict_s, "train_seconds": float("nan")})
+        print(f"{split.name} ensemble of seeds {seeds}: detection F1 "
+              f"{scores['detection_f1']:.3f} weighted F1 {scores['weighted_f1']:.3f} "
+              f"class-aware {scores['mean_class_aware_f1']:.3f}", flush=True)
+    summary = summarise(runs)
+    for method, stats in summary.items():
+        print(f"{method}: " + "  ".join(
+            f"{k} {stats[k]['mean']:.3f} ± {stats[k]['std']:.3f}"
+            for k in ("detection_f1", "weighted_f1", "mean_class_aware_f1")), flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "runs": runs, "summary": summary}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=float))
+    return result
 
 
 def curve(run: dict) -> tuple[str, str, str, str | None]:
@@ -331,6 +392,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "validation round's model on the test images (with the threshold its round "
                    "chose), and what each rule for the kept round would have kept (the test "
                    "images choose nothing)")
+    p.add_argument("--members", default="auto", help="models per run, averaged (as "
+                   "qpcell train --members; default auto: another one while the budget "
+                   "holds one after the step cap)")
+    p.add_argument("--ensembles-of", type=Path, nargs="+", default=None, metavar="MODEL",
+                   help="train nothing: average the model folders of earlier runs (of the "
+                   "one dataset --datasets names) in groups of --group, in the order given, "
+                   "and score each group as the ensemble qpcell train --members would have "
+                   "trained from those seeds")
+    p.add_argument("--group", type=int, default=3, help="members per ensemble of "
+                   "--ensembles-of")
     p.add_argument("--smoke", action="store_true", help="6 training and 3 test images, "
                    "a few seconds of training, narrow network: for the tests")
     return p.parse_args(argv)
@@ -352,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         plot(runs, args.plot or Path("time-to-accuracy.png"))
         return {"runs": runs}
     root = data_root()
+    if args.ensembles_of:
+        return score_ensembles(args, root)
     minutes = [float(m) for m in args.minutes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     device = pick_device(args.device)
@@ -381,7 +454,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                               base=4 if args.smoke else args.base, overrides=args.set,
                               model=args.model, init=args.init,
                               train_images=args.train_images, model_mpp=args.model_mpp,
-                              score_rounds=args.score_rounds)
+                              score_rounds=args.score_rounds,
+                              members=None if args.members == "auto" else int(args.members))
                 run["precision"] = machine["precision"]
                 runs.append(run)
                 s = run["scores"]

@@ -4,13 +4,15 @@ A model is a folder (like StarDist's): ``config.json`` says everything needed to
 use the model (architecture, classes and colours, µm/px, mask and post-processing settings,
 tuned threshold, training summary, qpcell version) and ``weights.safetensors`` holds the
 tensors. Nothing is unpickled, so a checkpoint from someone else cannot run code.
-A "pipeline" (separate detection + classification models) holds one such folder per part.
+A "pipeline" (separate detection + classification models) holds one such folder per part; an
+"ensemble" (:mod:`qpcell.ensemble`) one per member, whose maps are averaged.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save
 from qpcell import __version__
 from qpcell.config import PostprocessConfig, from_dict, to_dict
 from qpcell.device import pick_device
+from qpcell.ensemble import mean_maps
 from qpcell.errors import QpcellError
 from qpcell.inference import model_maps
 from qpcell.io.atomic import atomic_write_bytes, atomic_write_text
@@ -57,6 +60,18 @@ def save_pipeline(folder: str | Path, parts: dict[str, Path], meta: dict) -> Pat
               "kind": "pipeline",
               "components": {k: str(Path(v).relative_to(folder)) for k, v in parts.items()},
               **meta}
+    atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, allow_nan=False))
+    return folder
+
+
+def save_ensemble(folder: str | Path, members: Sequence[Path], meta: dict) -> Path:
+    """Describe an ensemble of model folders (sub-folders of ``folder``) whose maps are
+    averaged (:mod:`qpcell.ensemble`); ``meta`` as for :func:`save_model`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "qpcell_version": __version__,
+              "kind": "ensemble",
+              "members": [str(Path(m).relative_to(folder)) for m in members], **meta}
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=2, allow_nan=False))
     return folder
 
@@ -139,7 +154,18 @@ class ModelBundle:
         if self.meta.get("kind") == "pipeline":
             return "separate (" + " + ".join(
                 m.spec()["name"] for m in self.models.values()) + ")"
+        if self.meta.get("kind") == "ensemble":
+            first = next(iter(self.models.values())).spec()["name"]
+            return f"ensemble of {len(self.models)} {first}"
         return self.meta["model"]["name"]
+
+    @property
+    def members(self) -> list[torch.nn.Module]:
+        """The networks whose maps an ensemble averages (one for a single model; none for a
+        pipeline, whose parts each give one of the maps)."""
+        if self.meta.get("kind") == "pipeline":
+            return []
+        return list(self.models.values())
 
     def predict_maps(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Probability maps for a batch of RGB tiles.
@@ -158,7 +184,8 @@ class ModelBundle:
             det, _ = model_maps(self.models["detection"], tiles, self.device)
             _, cls = model_maps(self.models["classification"], tiles, self.device)
             return det, cls
-        return model_maps(self.models["model"], tiles, self.device)
+        maps = [model_maps(m, tiles, self.device) for m in self.members]
+        return maps[0] if len(maps) == 1 else mean_maps(maps)
 
     def to_detections(self, det: np.ndarray, cls: np.ndarray | None) -> Detections:
         """Cells from one tile's maps ((H, W) and (C, H, W)), in the maps' pixels."""
@@ -201,6 +228,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Mo
         if set(models) != {"detection", "classification"}:
             raise QpcellError("a pipeline needs a detection and a classification model",
                               folder / CONFIG)
+    elif config.get("kind") == "ensemble":
+        models = load_members(folder, config, device)
     else:
         models["model"] = _load_module(folder, config, device)
     try:
@@ -214,6 +243,30 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Mo
     check_model_description(config, classes, post, models, folder / CONFIG)
     return ModelBundle(folder, config, classes, mpp, post, config["postprocess_kind"], device,
                        models)
+
+
+def load_members(folder: Path, config: dict, device: torch.device
+                 ) -> dict[str, torch.nn.Module]:
+    """The member networks of the ensemble in ``folder``: each a model folder inside it with
+    the ensemble's classes and pixel size (a one-line error naming what does not fit)."""
+    members = config.get("members")
+    if not isinstance(members, list) or not members:
+        raise QpcellError("an ensemble lists no members", folder / CONFIG)
+    models = {}
+    for sub in members:
+        sub_folder = (folder / str(sub)).resolve()
+        if not sub_folder.is_relative_to(folder.resolve()):
+            raise QpcellError(f"ensemble member {sub!r} lies outside the model folder",
+                              folder / CONFIG)
+        member = read_config(sub_folder)
+        if member.get("kind", "single") != "single":
+            raise QpcellError(f"ensemble member {sub!r} is not a single model", folder / CONFIG)
+        if member.get("classes") != config.get("classes") or member.get("mpp") != config.get(
+                "mpp"):
+            raise QpcellError(f"ensemble member {sub!r} has other classes or another pixel "
+                              "size than the ensemble", folder / CONFIG)
+        models[str(sub)] = _load_module(sub_folder, member, device)
+    return models
 
 
 def _number_ok(value, low: float, high: float) -> bool:
@@ -278,8 +331,11 @@ def describe_kept(folder: str | Path) -> str | None:
         config = read_config(folder)
     except QpcellError:
         return None
-    parts = [config.get("training") or {}] if config.get("kind") != "pipeline" else [
-        (config.get("training") or {}).get(p) or {} for p in ("detection", "classification")]
+    training = config.get("training") or {}
+    parts = ([training.get(p) or {} for p in ("detection", "classification")]
+             if config.get("kind") == "pipeline" else
+             list(training.get("members") or []) if config.get("kind") == "ensemble"
+             else [training])
     found = [f"epoch {t['epoch']}, validation detection F1 {float(t['val_f1']):.3f}"
              for t in parts if "epoch" in t and "val_f1" in t]
     if not found:

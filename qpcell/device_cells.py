@@ -114,12 +114,12 @@ class DeviceCells:
         size = tiles.shape[1:3]
         pixels = int(np.prod(tiles.shape[:3]))
         models = self.bundle.models
-        parts = ([("detection", 0), ("classification", 1)] if "detection" in models
-                 else [("model", None)])
+        parts = ([(models["detection"], 0), (models["classification"], 1)]
+                 if "detection" in models else [(m, None) for m in self.bundle.members])
         out: list[torch.Tensor | None] = [None, None]
         with using_backend(self.backend):
-            for name, which in parts:
-                runner = runner_for(models[name], self.device, self.backend, pixels)
+            for module, which in parts:
+                runner = runner_for(module, self.device, self.backend, pixels)
                 t0 = time.perf_counter()
                 if hasattr(runner, "prepare"):
                     x = runner.prepare(tiles)
@@ -129,10 +129,12 @@ class DeviceCells:
                     det, cls = runner(tiles)
                     maps = (torch.from_numpy(det), None if cls is None else torch.from_numpy(cls))
                 self._tick("forward", t0)
-                if which is None:
-                    out = list(maps)
+                if which is None:  # a single model, or an ensemble member: summed
+                    out = [m if o is None else o + m for o, m in zip(out, maps, strict=True)]
                 else:
                     out[which] = maps[which]
+        if "detection" not in models and len(parts) > 1:  # an ensemble: the members' mean
+            out = [None if o is None else o / len(parts) for o in out]
         return out[0], out[1]
 
     def __call__(self, tiles: np.ndarray, cores: np.ndarray, plan) -> list[Detections]:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qpcell.checkpoint import WEIGHTS, read_config
+from qpcell.ensemble import MEMBERS_DIR, member_name
 from qpcell.errors import QpcellError
 from qpcell.points import CellClass
 
@@ -43,6 +44,9 @@ def resolve_init(value: str | Path | None) -> Path | None:
     if config.get("kind") == "pipeline":
         raise QpcellError("--init takes a single model, not a detection + classification "
                           "pipeline", folder)
+    if config.get("kind") == "ensemble":
+        raise QpcellError("--init takes a single model, not an ensemble; pass one of its "
+                          f"members (e.g. {folder / MEMBERS_DIR / member_name(1)})", folder)
     return folder
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from qpcell.ensemble import MEMBERS_DIR
 from qpcell.errors import QpcellError
 from qpcell.points import AnnotatedImage, CellClass
 
@@ -31,6 +32,7 @@ RUN_FOLDERS = ("detection", "classification", "prior", "epochs")
 #: the model itself when it writes its model).
 STALE_FILES = ("resume.pt", "train_log.txt")
 _EPOCH_DIR = re.compile(r"^epoch-\d+$")
+_MEMBER_DIR = re.compile(r"^member-\d+$")
 
 
 def _run_files(folder: Path) -> list[Path]:
@@ -40,6 +42,10 @@ def _run_files(folder: Path) -> list[Path]:
         if (folder / sub).is_dir():
             found += [folder / sub / n for n in RUN_FILES if (folder / sub / n).is_file()]
             found += [p for p in (folder / sub).iterdir() if _EPOCH_DIR.match(p.name)]
+    members = folder / MEMBERS_DIR  # an ensemble's members: each a run folder of its own
+    if members.is_dir() and any(_run_files(p) for p in members.iterdir()
+                                if _MEMBER_DIR.match(p.name)):
+        found.append(members)
     return found
 
 

@@ -340,6 +340,26 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
         tta.main(["--smoke", "--datasets", "kidney"])
 
 
+def test_time_to_accuracy_scores_the_ensemble_of_earlier_runs(endonuke, tmp_path, monkeypatch):
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    tta = load_script("time_to_accuracy")
+    common = ["--smoke", "--datasets", "endonuke", "--workdir", str(tmp_path / "runs"),
+              "--device", "cpu"]
+    single = tta.main([*common, "--minutes", "0.1", "--seeds", "0,1", "--members", "1"])
+    assert [r["members"] for r in single["runs"]] == [1, 1]
+    folders = [r["model_dir"] for r in single["runs"]]
+    out = tmp_path / "ens.json"
+    result = tta.main([*common, "--ensembles-of", *folders, "--group", "2", "--json", str(out)])
+    (run,) = result["runs"]
+    assert run["seeds"] == [0, 1] and run["members"] == folders
+    thresholds = [r["threshold"] for r in single["runs"]]
+    assert run["postprocess"]["threshold"] == pytest.approx(np.mean(thresholds))
+    assert 0.0 <= run["scores"]["detection_f1"] <= 1.0
+    assert json.loads(out.read_text(encoding="utf-8"))["summary"]
+    with pytest.raises(SystemExit, match="do not make groups of 2"):
+        tta.main([*common, "--ensembles-of", folders[0], "--group", "2"])
+
+
 def test_time_to_accuracy_scores_every_round_and_what_each_rule_keeps(endonuke, tmp_path,
                                                                      monkeypatch):
     monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))

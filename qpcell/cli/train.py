@@ -21,6 +21,7 @@ from rich.table import Table
 from qpcell.cli._app import app, console, print_note
 from qpcell.config import PAPER_MPP, SAMPLINGS, SELECT_ON, TrainConfig
 from qpcell.device import PRECISIONS
+from qpcell.ensemble import MAX_MEMBERS, MEMBERS_DIR, member_name
 from qpcell.errors import QpcellError
 from qpcell.recipe import DEFAULT_BUDGET_MIN, RECIPES, default_model, recipe
 from qpcell.train import EpochSummary, TrainCallbacks, TrainResult
@@ -103,21 +104,28 @@ def parse_mpp(value: str | None) -> float | None:
 
 
 def run_training(source_classes, images, out: Path, model: str, *, show: bool = True,
-                 **kwargs) -> TrainResult:
-    """Train one model (or the separate detection + classification pipeline) with progress."""
+                 members: int | None = 1, **kwargs) -> list[TrainResult]:
+    """Train one model, an ensemble of ``members`` (None: as many as the time budget holds,
+    :mod:`qpcell.train_ensemble`) or the separate detection + classification pipeline, with
+    progress; the result of each model trained."""
     from qpcell.checkpoint import read_config, save_pipeline
-    from qpcell.train import train
+    from qpcell.train_ensemble import train_ensemble
 
     with _progress() if show else _NoProgress() as progress:
         if model == MTL:
             from qpcell.mtl import train_mtl
 
-            return train_mtl(images, source_classes, out,
-                             callbacks=RichCallbacks(progress, model) if show else None,
-                             **kwargs)
+            return [train_mtl(images, source_classes, out,
+                              callbacks=RichCallbacks(progress, model) if show else None,
+                              **kwargs)]
         if model != SEPARATE:
-            return train(images, source_classes, out, model_name=model,
-                         callbacks=RichCallbacks(progress, model) if show else None, **kwargs)
+            return train_ensemble(
+                images, source_classes, out, members=members, max_members=MAX_MEMBERS,
+                model_name=model, on_note=print_note,
+                callbacks_for=lambda k: (RichCallbacks(progress, model if k == 1 else
+                                                       f"{model} member {k}")
+                                         if show else None), **kwargs)
+        from qpcell.train import train
         results = {}
         cfg = kwargs.get("train_cfg")
         if cfg is not None and cfg.time_budget_s:  # the two models share the budget
@@ -133,9 +141,26 @@ def run_training(source_classes, images, out: Path, model: str, *, show: bool = 
     meta["training"]["source_mpp"] = meta["training"]["detection"].get("source_mpp")
     save_pipeline(out, {p: out / p for p in results}, meta)
     det, cls = results["detection"], results["classification"]
-    return TrainResult(out, det.history + cls.history, det.best_epoch, det.val_f1,
-                       cls.val_class_f1, det.train_images, det.val_images,
-                       det.n_patches + cls.n_patches, det.seconds + cls.seconds)
+    return [TrainResult(out, det.history + cls.history, det.best_epoch, det.val_f1,
+                        cls.val_class_f1, det.train_images, det.val_images,
+                        det.n_patches + cls.n_patches, det.seconds + cls.seconds)]
+
+
+def parse_members(value: str, model: str) -> int | None:
+    """``--members``: a count of at least 1, or ``auto`` (None; one model for the pipeline
+    and mtl-ihc, which train no ensembles)."""
+    if value.strip().lower() == "auto":
+        return 1 if model in (SEPARATE, MTL) else None
+    try:
+        count = int(value)
+    except ValueError:
+        raise QpcellError(f"--members {value!r} is neither a number nor 'auto'") from None
+    if count < 1:
+        raise QpcellError(f"--members {count}: give at least 1 (or 'auto')")
+    if count > 1 and model in (SEPARATE, MTL):
+        raise QpcellError(f"--members {count}: ensembles are for single networks, not "
+                          f"{model}")
+    return count
 
 
 def implied_model(recipe_name: str, init: Path | None, resumed: Path | None) -> str:
@@ -149,6 +174,8 @@ def implied_model(recipe_name: str, init: Path | None, resumed: Path | None) -> 
 
     if resumed is not None and (resumed / "detection").is_dir():
         return SEPARATE
+    if resumed is not None and (resumed / MEMBERS_DIR / member_name(1) / CONFIG).exists():
+        resumed = resumed / MEMBERS_DIR / member_name(1)  # an ensemble: its first member's
     for folder in (resumed, init):
         if folder is not None and (folder / CONFIG).exists():
             name = read_config(folder).get("model", {}).get("name")
@@ -219,6 +246,12 @@ def train_command(
                                      "average of the weights with this decay per step "
                                      "(warmed up; 0: the weights themselves, the default)."),
     seed: int = typer.Option(0, help="Random seed (split, patches, weights)."),
+    members: str = typer.Option("auto", help="Models to train and average (an ensemble; "
+                                "member K trains with seed SEED+K-1 and validates on its own "
+                                "images). 'auto' (default): with a time budget, another model "
+                                "while the budget left holds one after the step cap ended "
+                                f"the last (at most {MAX_MEMBERS}), else one. Each member "
+                                "adds one model's prediction time."),
     precision: str = typer.Option(TrainConfig.precision, help="'auto': bf16 autocast where "
                                   "the hardware computes bf16 natively (CUDA, CPUs with "
                                   "AVX512-BF16/AMX), channels-last; 'fp32'; 'bf16'."),
@@ -344,6 +377,7 @@ def train_command(
         raise QpcellError(f"--ema {ema}: give a decay from 0 (off) up to (not including) 1")
     if train_cfg.epochs < 1 or train_cfg.batch_size < 1:
         raise QpcellError("--epochs and --batch-size must be at least 1")
+    n_members = parse_members(members, model)
     roots = {}
     for item in image_root:
         if "=" not in item:
@@ -381,27 +415,53 @@ def train_command(
         console.print(f"recipe {rec.name}, time budget {budget_s / 60:g} min", highlight=False)
     else:
         console.print(f"recipe {rec.name}, {train_cfg.epochs} epochs", highlight=False)
-    result = run_training(
-        classes, annotated, out, model,
+    results = run_training(
+        classes, annotated, out, model, members=n_members,
         model_mpp=model_mpp_value, fallback_mpp=mpp, train_cfg=train_cfg, patch_cfg=patch_cfg,
         post_cfg=rec.post,
         match_radius_px=match_radius,
         val_names=val_images.split(",") if val_images else None,
         device=device, resume=resume, max_steps_per_epoch=max_steps, **kwargs)
+    if results:
+        console.print(summary_table(out, results, "round" if budget_s else "epoch"))
+    else:
+        console.print(f"every member was trained already: the ensemble in {out} is complete",
+                      highlight=False)
+
+
+def summary_table(out: Path, results: list[TrainResult], round_word: str) -> Table:
+    """The table printed when training is done: one column per model trained (an ensemble's
+    members side by side)."""
+    from qpcell.checkpoint import read_config
+
     table = Table(title="Training done")
     table.add_column("")
-    table.add_column("")
-    table.add_row("model folder", str(result.model_dir))
-    table.add_row("best round" if budget_s else "best epoch", str(result.best_epoch))
-    table.add_row("model scale", f"{result.mpp:g} µm/px" if result.mpp else "native")
+    several = len(results) > 1
+    for k in range(len(results)):
+        table.add_column(f"member {k + 1}" if several else "")
+    config = read_config(out) if (out / "config.json").exists() else {}
+    n = len(config.get("members") or []) if config.get("kind") == "ensemble" else 0
+
+    def row(label: str, values) -> None:
+        table.add_row(label, *[str(v) for v in values])
+
+    row("model folder", [out] + [""] * (len(results) - 1))
+    if n:
+        row("ensemble", [f"{n} members, their maps averaged: prediction takes {n}x one "
+                         "model's time (--members 1: one model)"] + [""] * (len(results) - 1))
+    row(f"best {round_word}", [r.best_epoch for r in results])
+    mpp = results[0].mpp
+    row("model scale", [f"{mpp:g} µm/px" if mpp else "native"] + [""] * (len(results) - 1))
+    refits = [r.refit_after_round for r in results]
     when = ""
-    if result.refit_after_round is not None:
-        table.add_row("trained on every image", f"after round {result.refit_after_round}")
-        when = f" (round {result.refit_after_round})"
-    table.add_row(f"validation detection F1{when}", f"{result.val_f1:.3f}")
-    table.add_row(f"validation classification F1 (weighted){when}",
-                  f"{result.val_class_f1:.3f}")
-    table.add_row("train / validation images",
-                  f"{len(result.train_images)} / {len(result.val_images)}")
-    table.add_row("time", f"{result.seconds / 60:.1f} min")
-    console.print(table)
+    if any(r is not None for r in refits):
+        row("trained on every image", ["-" if r is None else f"after round {r}"
+                                       for r in refits])
+        when = " (before the refit)" if several else f" (round {refits[0]})"
+    row(f"validation detection F1{when}", [f"{r.val_f1:.3f}" for r in results])
+    row(f"validation classification F1 (weighted){when}",
+        [f"{r.val_class_f1:.3f}" for r in results])
+    row("train / validation images",
+        [f"{len(r.train_images)} / {len(r.val_images)}" for r in results])
+    row("time", [f"{r.seconds / 60:.1f} min" for r in results])
+    return table
