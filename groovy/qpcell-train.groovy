@@ -29,9 +29,10 @@ IMAGES = []
 // The model folder to write: relative to the project folder, or a full path
 MODEL = "qpcell-model"
 // Minutes of training (qpcell train --time-budget): the learning-rate schedule, validation and
-// stopping fit the time; a fast computer stops sooner, once the annotations are used up
-// (["--max-passes", "0"] in TRAIN_OPTIONS: the time alone). Not used when TRAIN_OPTIONS holds
-// "--epochs" or "--time-budget".
+// stopping fit the time; a fast computer ends a model sooner, once the annotations are used up
+// (["--max-passes", "0"] in TRAIN_OPTIONS: the time alone), and spends the time left on up to
+// two more models whose maps are averaged (["--members", "1"]: one model, predicting faster).
+// Not used when TRAIN_OPTIONS holds "--epochs" or "--time-budget".
 TIME_BUDGET_MINUTES = 10
 // More options for qpcell train, e.g. ["--device", "cuda"] or ["--recipe", "paper"]
 TRAIN_OPTIONS = []

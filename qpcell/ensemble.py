@@ -26,7 +26,8 @@ MEMBERS_DIR = "members"
 #: The most members ``--members auto`` trains: each one adds a model's prediction time.
 MAX_MEMBERS = 3
 #: Another member starts only when the budget left holds this share of a member's time
-#: (the members so far, on average); a shorter member would end by the clock, not the cap.
+#: (the members so far, on average): with less, it would end by the clock well short of the
+#: step cap, a weaker model pulling the average down.
 MIN_TIME_SHARE = 0.9
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qpcell.checkpoint import CONFIG, read_config, save_ensemble
 from qpcell.config import PostprocessConfig, TrainConfig, from_dict, to_dict
+from qpcell.distributed import env_ranks
 from qpcell.ensemble import MEMBERS_DIR, another_member, combined_postprocess, member_name
 from qpcell.errors import QpcellError
 from qpcell.io.atomic import atomic_write_text
@@ -81,7 +82,7 @@ def train_ensemble(images: Sequence[AnnotatedImage], classes: Sequence[CellClass
     ----------
     members
         How many members; ``None``: as many as the time budget holds, at most
-        ``max_members`` (one without a time budget).
+        ``max_members`` (one without a time budget, and one under torchrun).
     train_cfg
         Each member's settings; its ``seed`` is the first member's, its ``time_budget_s``
         (seconds) the whole ensemble's.
@@ -103,6 +104,11 @@ def train_ensemble(images: Sequence[AnnotatedImage], classes: Sequence[CellClass
     if members is not None and members < 1:
         raise QpcellError(f"--members {members}: give at least 1 (or 'auto')")
     limit = members or (max_members if budget_s else 1)
+    if env_ranks()[1] > 1:  # under torchrun the ranks would have to agree on every member
+        if limit > 1 and members is not None:
+            raise QpcellError(f"--members {members}: an ensemble trains in one process; under "
+                              "torchrun give --members 1 (or auto, which trains one model)")
+        limit = 1
     if resume and (folder / LEDGER).exists():
         ledger = _read_ledger(folder)
     else:  # a new run, or one interrupted in its first member (which trains in out)

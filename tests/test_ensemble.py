@@ -196,3 +196,13 @@ def test_members_from_the_command_line_train_predict_and_refuse_bad_counts(cli, 
     code, _, stderr = cli("train", synthetic_project, "--out", tmp_path / "sep", "--model",
                           "separate", "--members", "2", *TINY_TRAIN)
     assert code == 1 and "ensembles are for single networks" in stderr
+
+
+def test_under_torchrun_an_ensemble_of_several_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    classes, data = tiny_data(2, 96)
+    with pytest.raises(QpcellError, match="under torchrun give --members 1"):
+        train_ensemble([], classes, tmp_path / "m", members=2, max_members=3,
+                       **_kwargs(data, epochs=1))
+    assert not (tmp_path / "m").exists()
