@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from qpcell.checkpoint import CONFIG, read_config, save_ensemble
+from qpcell.checkpoint import read_config, save_ensemble
 from qpcell.config import PostprocessConfig, TrainConfig, from_dict, to_dict
 from qpcell.distributed import env_ranks
 from qpcell.ensemble import MEMBERS_DIR, another_member, combined_postprocess, member_name
@@ -171,8 +171,8 @@ def _move_first_member(out: Path, folder: Path) -> None:
 
 def _next_member(ledger: dict, k: int, members: int | None, limit: int,
                  train_cfg: TrainConfig) -> dict | None:
-    """The ledger entry of member ``k`` >= 2 (its folder, seed and seconds of budget), or None when
-    the budget left does not hold it. ``members`` None (auto): the budget left goes to the
+    """The ledger entry of member ``k`` >= 2 (its folder, seed and seconds of budget), or
+    None when the budget left does not hold it. ``members`` None (auto): the budget left goes to the
     next member while it holds about one more (:func:`qpcell.ensemble.another_member`); a
     number: the budget left is shared evenly among the members still to train."""
     budget_s = ledger["budget_s"]
@@ -189,10 +189,4 @@ def _next_member(ledger: dict, k: int, members: int | None, limit: int,
             "budget_s": member_budget, "seconds": None}
 
 
-def is_ensemble_run(folder: Path) -> bool:
-    """True when ``folder`` holds an ensemble, finished or interrupted."""
-    return (folder / MEMBERS_DIR / LEDGER).exists() or (
-        (folder / CONFIG).exists() and read_config(folder).get("kind") == "ensemble")
-
-
-__all__ = ["LEDGER", "write_ensemble", "train_ensemble", "is_ensemble_run"]
+__all__ = ["LEDGER", "write_ensemble", "train_ensemble"]

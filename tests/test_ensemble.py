@@ -134,7 +134,7 @@ def test_a_budget_spent_by_the_first_model_leaves_a_single_model(tmp_path):
     classes, data = tiny_data(2, 96)
     out = tmp_path / "m"
     results = train_ensemble([], classes, out, members=None, max_members=3,
-                             **_kwargs(data, time_budget_s=4.0, max_passes=0.0))
+                             **_kwargs(data, time_budget_s=10.0, max_passes=0.0))
     assert len(results) == 1 and results[0].model_dir == out
     assert read_config(out)["kind"] == "single" and not (out / "members").exists()
 
