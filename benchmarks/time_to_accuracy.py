@@ -158,7 +158,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
     ``members``: the models of an ensemble, as ``qpcell train --members`` (None: ``auto``,
     as many as the budget holds after the step cap, :mod:`qpcell.train_ensemble`)."""
     from qpcell.config import PAPER_MPP
-    from qpcell.ensemble import MAX_MEMBERS
+    from qpcell.ensemble import MAX_MEMBERS, MEMBERS_DIR, member_name
     from qpcell.recipe import default_model, recipe
     from qpcell.train import epoch_dir, estimate_source_mpp
     from qpcell.train_ensemble import train_ensemble
@@ -191,7 +191,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
                              match_radius_px=model_px, init=init,
                              device=device)
     result = results[0]  # rounds and the kept round: the first member's
-    first = out / "members" / "member-1" if len(results) > 1 else out
+    first = out / MEMBERS_DIR / member_name(1) if len(results) > 1 else out
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     bundle, scores = score_on_test(out, split, source_mpp, device)
@@ -265,6 +265,7 @@ def score_ensembles(args: argparse.Namespace, root: Path) -> dict:
     import shutil
 
     from qpcell.checkpoint import CONFIG, WEIGHTS, read_config
+    from qpcell.ensemble import MEMBERS_DIR, member_name
     from qpcell.predict import source_mpp_of
     from qpcell.train_ensemble import write_ensemble
 
@@ -280,7 +281,7 @@ def score_ensembles(args: argparse.Namespace, root: Path) -> dict:
         out = args.workdir / f"{split.name}-ensemble-seeds-{'-'.join(map(str, seeds))}"
         members = []
         for k, folder in enumerate(group, 1):
-            member = out / "members" / f"member-{k}"
+            member = out / MEMBERS_DIR / member_name(k)
             member.mkdir(parents=True, exist_ok=True)
             for name in (CONFIG, WEIGHTS):
                 shutil.copy2(folder / name, member / name)

@@ -91,10 +91,10 @@ def recipe(name: str, model_name: str | None = None) -> Recipe:
     if name == "paper":
         return Recipe("paper", TrainConfig(), MaskConfig(), PatchConfig())
     # --weight-decay means AdamW's decoupled decay here; 0.05 scored level with none over three
-    # budgets (docs/RESULTS.md, "Brakes on over-fitting"), so none by default
+    # budgets (docs/RESULTS.md, "Brakes on over-fitting"), so the default stays none
     train = replace(TrainConfig(), batch_size=8, lr=2e-3, lr_schedule="cosine", warmup=0.05,
                     select_on="combined", refit_share=0.3, max_passes=150.0, min_steps=1000,
-                    weight_decay=0.0, decoupled_weight_decay=True)
+                    decoupled_weight_decay=True)
     mask = replace(MaskConfig(), disc_radius_px=4.0)
     patch = replace(PatchConfig(), size=128, sampling="cells", background_fraction=0.1,
                     class_balance=0.5, rotate90=True, colour_jitter=0.0)

@@ -73,7 +73,6 @@ def train_ensemble(images: Sequence[AnnotatedImage], classes: Sequence[CellClass
                    train_cfg: TrainConfig, resume: bool = False,
                    callbacks_for: Callable[[int], TrainCallbacks | None] = lambda k: None,
                    on_note: Callable[[str], None] = lambda text: None,
-                   clock: Callable[[], float] = time.perf_counter,
                    **train_kwargs) -> list[TrainResult]:
     """Train an ensemble's members (the first in ``out`` itself, see the module notes) and,
     when there is more than one, describe the ensemble in ``out/config.json``.
@@ -138,7 +137,7 @@ def train_ensemble(images: Sequence[AnnotatedImage], classes: Sequence[CellClass
         sub = out / entry["folder"]
         again = resume and (sub / RESUME).exists()
         earlier = float(read_state(sub).get("elapsed", 0.0)) if again else 0.0
-        start = clock()
+        start = time.perf_counter()
         cfg = replace(train_cfg, seed=int(entry["seed"]), time_budget_s=entry["budget_s"])
         try:
             results.append(train(images, classes, sub, train_cfg=cfg, resume=again,
@@ -152,7 +151,7 @@ def train_ensemble(images: Sequence[AnnotatedImage], classes: Sequence[CellClass
                 f"interrupted in member {k} of the ensemble; the {len(done)} finished "
                 f"member(s) are kept in {out}, ready to use; continue with --resume",
                 err.path) from None
-        entry["seconds"] = earlier + clock() - start
+        entry["seconds"] = earlier + time.perf_counter() - start
         if k > 1:
             _write_ledger(folder, ledger)
     if len(ledger["members"]) > 1:
