@@ -29,6 +29,7 @@ from qpcell.errors import QpcellError
 from qpcell.inference import model_maps
 from qpcell.io.atomic import atomic_write_bytes, atomic_write_text
 from qpcell.points import CellClass, Detections
+from qpcell.views import DEFAULT_VIEWS, VIEWS, view_mean
 
 FORMAT = "qpcell-model"
 FORMAT_VERSION = 1
@@ -138,6 +139,9 @@ class ModelBundle:
         Post-processing settings at ``mpp`` (threshold tuned on validation).
     postprocess_kind
         ``"sdrdin"`` (detection map -> components -> peaks) or ``"peaks"`` (class-map peaks).
+    views
+        The test-time views whose maps are averaged (:mod:`qpcell.views`): those the
+        post-processing was tuned for, unless the caller sets others.
     """
 
     path: Path
@@ -148,6 +152,7 @@ class ModelBundle:
     postprocess_kind: str
     device: torch.device
     models: dict[str, torch.nn.Module] = field(default_factory=dict)
+    views: str = DEFAULT_VIEWS
 
     @property
     def name(self) -> str:
@@ -168,7 +173,8 @@ class ModelBundle:
         return list(self.models.values())
 
     def predict_maps(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probability maps for a batch of RGB tiles.
+        """Probability maps for a batch of RGB tiles, averaged over an ensemble's members and
+        over :attr:`views`.
 
         Parameters
         ----------
@@ -180,6 +186,9 @@ class ModelBundle:
         det : (B, H, W) float32 detection probability
         cls : (B, C, H, W) float32 class probabilities, or None for a detection-only model
         """
+        return view_mean(self._one_view_maps, tiles, self.views)
+
+    def _one_view_maps(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if "detection" in self.models:
             det, _ = model_maps(self.models["detection"], tiles, self.device)
             _, cls = model_maps(self.models["classification"], tiles, self.device)
@@ -241,8 +250,12 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Mo
     if mpp is not None and not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
         raise QpcellError(f"bad pixel size {mpp!r}", folder / CONFIG)
     check_model_description(config, classes, post, models, folder / CONFIG)
+    views = config.get("views", DEFAULT_VIEWS)
+    if views not in VIEWS:
+        raise QpcellError(f"unknown test-time views {views!r} (known: {', '.join(VIEWS)})",
+                          folder / CONFIG)
     return ModelBundle(folder, config, classes, mpp, post, config["postprocess_kind"], device,
-                       models)
+                       models, views)
 
 
 def load_members(folder: Path, config: dict, device: torch.device

@@ -80,6 +80,8 @@ class CohortOptions:
         Torch device on the workers (``None`` = best available there).
     backend
         Inference backend (:mod:`qpcell.inference`).
+    views
+        Test-time views (:mod:`qpcell.views`; ``None``: the model's own).
     tile_size, batch_size, halo, tissue, overlay_max_pixels
         As in :func:`qpcell.predict.predict_to_folder`.
     post_workers
@@ -96,6 +98,7 @@ class CohortOptions:
 
     device: str | None = None
     backend: str = "fast"
+    views: str | None = None
     tile_size: int = 512
     batch_size: int = 4
     halo: int | None = None
@@ -214,9 +217,11 @@ def _stamp(folder: Path) -> tuple:
 
 
 def load_predictor(model: str | Path, device: str | None = None,
-                   threads: int | None = None, backend: str = "fast") -> Predictor:
+                   threads: int | None = None, backend: str = "fast",
+                   views: str | None = None) -> Predictor:
     """The model folder ``model`` as a :class:`~qpcell.predict.Predictor`, loaded once per
-    process (reloaded when its files change); ``threads`` sets torch's CPU threads."""
+    process (reloaded when its files change); ``threads`` sets torch's CPU threads, ``views``
+    the test-time views (None: the model's own)."""
     import torch
 
     from qpcell.checkpoint import load_model
@@ -225,7 +230,7 @@ def load_predictor(model: str | Path, device: str | None = None,
         torch.set_num_threads(int(threads))
     folder = Path(model).resolve()
     dev = _worker_device(device)
-    key = f"{folder}|{dev}|{backend}"
+    key = f"{folder}|{dev}|{backend}|{views}"
     stamp = _stamp(folder) if folder.is_dir() else ()
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
@@ -234,7 +239,7 @@ def load_predictor(model: str | Path, device: str | None = None,
         for k in [k for k in _CACHE if k.startswith(f"{folder}|")]:
             del _CACHE[k]  # one model version per folder: frees a replaced model's memory
         predictor = Predictor.from_bundle(load_model(folder, device=dev), name=str(folder),
-                                          backend=backend)
+                                          backend=backend, views=views)
         _CACHE[key] = (stamp, predictor)
         return predictor
 
@@ -282,7 +287,8 @@ def start_image(job: PredictionJob, model: str, out: str, options: CohortOptions
                 host_threads: dict[str, int] | None = None) -> DoneImage | SplitSlide:
     """First task of an image (on a worker): plan it; predict and write it when small."""
     threads = worker_threads(options.torch_threads, host_threads)
-    predictor = load_predictor(model, options.device, threads, options.backend)
+    predictor = load_predictor(model, options.device, threads, options.backend,
+                               options.views)
     t0 = time.perf_counter()
     output_paths(Path(out), job.name)["geojson"].unlink(missing_ok=True)  # the marker first
     with _open(job, predictor) as slide:
@@ -307,7 +313,8 @@ def run_block(job: PredictionJob, model: str, plan: TilePlan, options: CohortOpt
     import shapely
 
     threads = worker_threads(options.torch_threads, host_threads)
-    predictor = load_predictor(model, options.device, threads, options.backend)
+    predictor = load_predictor(model, options.device, threads, options.backend,
+                               options.views)
     t0 = time.perf_counter()
     if plan.regions is not None:
         shapely.prepare(plan.regions)  # preparation does not survive pickling
@@ -513,7 +520,8 @@ def predict_cohort(jobs: Sequence[PredictionJob], model: str | Path, out: str | 
     if predictor is None:
         from qpcell.checkpoint import load_model
 
-        predictor = Predictor.from_bundle(load_model(model, device="cpu"), name=model)
+        predictor = Predictor.from_bundle(load_model(model, device="cpu"), name=model,
+                                          views=options.views)
     out = Path(out)
     if options.retries < 0 or options.block_tiles < 1:
         raise QpcellError(f"retries {options.retries} must be at least 0 and block tiles "

@@ -134,6 +134,10 @@ class TrainConfig:
     # Not in the papers: validate and keep an exponential moving average of the weights with
     # this decay (warmed up, qpcell.ema); 0 validates and keeps the weights themselves
     ema_decay: float = 0.0
+    # Not in the papers: the test-time views (qpcell.views) whose averaged maps the final
+    # post-processing settings are tuned on and the model predicts with; S-DRDIN 2.5 predicts
+    # each tile once ("none"). The rounds' validations, which pick the kept round, see one view.
+    views: str = "none"
 
 
 #: The rules for TrainConfig.select_on.

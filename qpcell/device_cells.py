@@ -24,6 +24,7 @@ from qpcell.config import PostprocessConfig
 from qpcell.errors import QpcellError
 from qpcell.points import CellClass, Detections
 from qpcell.postprocess_torch import cells_of_batch, sdrdin_batch
+from qpcell.views import DEFAULT_VIEWS, VIEWS, unview_map, view_tiles
 
 POSTPROCESS_MODES = ("auto", "device", "cpu")
 #: Share of the free device memory that ``auto_batch_size`` plans to use.
@@ -111,30 +112,37 @@ class DeviceCells:
         from qpcell.inference import runner_for, using_backend
 
         tiles = np.asarray(tiles)
-        size = tiles.shape[1:3]
         pixels = int(np.prod(tiles.shape[:3]))
         models = self.bundle.models
         parts = ([(models["detection"], 0), (models["classification"], 1)]
                  if "detection" in models else [(m, None) for m in self.bundle.members])
+        views = VIEWS[getattr(self.bundle, "views", DEFAULT_VIEWS)]
         out: list[torch.Tensor | None] = [None, None]
         with using_backend(self.backend):
-            for module, which in parts:
-                runner = runner_for(module, self.device, self.backend, pixels)
-                t0 = time.perf_counter()
-                if hasattr(runner, "prepare"):
-                    x = runner.prepare(tiles)
-                    t0 = self._tick("copy", t0)
-                    maps = runner.forward(x, size)
-                else:
-                    det, cls = runner(tiles)
-                    maps = (torch.from_numpy(det), None if cls is None else torch.from_numpy(cls))
-                self._tick("forward", t0)
-                if which is None:  # a single model, or an ensemble member: summed
-                    out = [m if o is None else o + m for o, m in zip(out, maps, strict=True)]
-                else:
-                    out[which] = maps[which]
-        if "detection" not in models and len(parts) > 1:  # an ensemble: the members' mean
-            out = [None if o is None else o / len(parts) for o in out]
+            for view in views:
+                seen = view_tiles(tiles, view) if len(views) > 1 else tiles
+                size = seen.shape[1:3]
+                for module, which in parts:
+                    runner = runner_for(module, self.device, self.backend, pixels)
+                    t0 = time.perf_counter()
+                    if hasattr(runner, "prepare"):
+                        x = runner.prepare(seen)
+                        t0 = self._tick("copy", t0)
+                        maps = runner.forward(x, size)
+                    else:
+                        det, cls = runner(seen)
+                        maps = (torch.from_numpy(det),
+                                None if cls is None else torch.from_numpy(cls))
+                    maps = tuple(None if m is None else unview_map(m, view) for m in maps)
+                    self._tick("forward", t0)
+                    # members and views are summed; a pipeline's parts give one map each
+                    out = [o if m is None or (which is not None and k != which)
+                           else m if o is None else o + m
+                           for k, (o, m) in enumerate(zip(out, maps, strict=True))]
+        # the mean over the views and (an ensemble) the members
+        n = len(views) * (1 if "detection" in models else len(parts))
+        if n > 1:
+            out = [None if o is None else o / n for o in out]
         return out[0], out[1]
 
     def __call__(self, tiles: np.ndarray, cores: np.ndarray, plan) -> list[Detections]:

@@ -47,7 +47,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -71,7 +71,14 @@ from qpcell.io.project import ANNOTATION_SUFFIX, read_project, scan_images, spli
 from qpcell.io.readouts import SUMMARY_CSV, ReadoutOptions, image_readouts, write_summary_csv
 from qpcell.io.slides import Slide, open_slide, to_full_res
 from qpcell.points import CellClass, Detections
-from qpcell.prediction_reuse import predictor_fingerprint, reusable, stamp
+from qpcell.prediction_reuse import (
+    MODEL_KEY,
+    model_fingerprint,
+    predictor_fingerprint,
+    reusable,
+    stamp,
+)
+from qpcell.views import DEFAULT_VIEWS, VIEWS
 
 MapFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 """``tiles (B, h, w, 3) uint8 -> (det (B, h, w) float32, cls (B, C, h, w) float32 | None)``."""
@@ -468,11 +475,12 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, bundle, name: str | None = None, backend: str = "fast",
-                    postprocess: str = "auto") -> Predictor:
+                    postprocess: str = "auto", views: str | None = None) -> Predictor:
         """From ``qpcell.checkpoint.ModelBundle`` (``load_model``); its maps are computed
         by the inference ``backend`` (:mod:`qpcell.inference`; ``"fast"``: bf16 PyTorch on
         CPUs with native bf16, else ONNX Runtime on CPUs, channels-last PyTorch with autocast
-        on GPUs) and post-processed where ``postprocess`` says
+        on GPUs), averaged over the test-time ``views`` (:mod:`qpcell.views`; ``None``: the
+        model's own) and post-processed where ``postprocess`` says
         (:func:`qpcell.device_cells.resolve_postprocess`: ``"auto"`` = on the device on CUDA).
         """
         from qpcell.device_cells import DeviceCells, resolve_postprocess
@@ -481,6 +489,15 @@ class Predictor:
         if backend not in BACKENDS:
             raise QpcellError(f"unknown inference backend {backend!r}; choose from "
                               f"{', '.join(BACKENDS)}")
+        info = {}
+        if views is not None and views != getattr(bundle, "views", DEFAULT_VIEWS):
+            if views not in VIEWS:
+                raise QpcellError(f"unknown test-time views {views!r}; choose from "
+                                  f"{', '.join(VIEWS)}")
+            bundle = replace(bundle, views=views)
+            sha = model_fingerprint(getattr(bundle, "path", ""))
+            if sha is not None:  # other maps: results of the model's own views are not reused
+                info[MODEL_KEY] = f"{sha}+views={views}"
         reach = int(bundle.postprocess.reach_px)
         if getattr(bundle, "postprocess_kind", "sdrdin") == "peaks":
             peaks = bundle.meta.get("peaks", {})
@@ -492,7 +509,8 @@ class Predictor:
                    tuple(bundle.classes), bundle.mpp,
                    reach, name or str(getattr(bundle, "path", "model")),
                    {"architecture": getattr(bundle, "name", None),
-                    "postprocess_kind": getattr(bundle, "postprocess_kind", None)},
+                    "postprocess_kind": getattr(bundle, "postprocess_kind", None),
+                    "views": getattr(bundle, "views", DEFAULT_VIEWS), **info},
                    DeviceCells(bundle, backend) if on_device else None,
                    min(4, os.cpu_count() or 1) if on_device and cuda else 1,
                    source_mpp=source_mpp_of(getattr(bundle, "meta", {}) or {}))

@@ -57,6 +57,7 @@ from qpcell.pretrained import Transfer, resolve_init, transfer_weights
 from qpcell.schedule import LR_SCHEDULES, Budget, lr_at, step_cap
 from qpcell.train_guard import check_resume_state
 from qpcell.tuning import edge_notes, image_maps, tune_class_gain, tune_postprocess, validate
+from qpcell.views import DEFAULT_VIEWS, VIEWS
 
 RESUME = "resume.pt"
 LOG = "train_log.txt"
@@ -582,12 +583,14 @@ def train_step(run: Run, x: torch.Tensor, targets: dict, lr: float, epoch: int
 
 
 def keep_if_best(run: Run, epoch: int, setting: dict, f1: float, cf1: float,
-                 select_on: str) -> bool:
-    """Step 4: keep this round's weights when they are the best so far."""
+                 select_on: str, views: str = DEFAULT_VIEWS) -> bool:
+    """Step 4: keep this round's weights when they are the best so far (``setting`` was
+    tuned on the maps of the test-time ``views``)."""
     key = selection_key(f1, cf1, select_on, run.classifies)
     if key <= tuple(run.best["key"]):
         return False
-    run.best = {"key": list(key), "f1": f1, "class_f1": cf1, "epoch": epoch, "setting": setting}
+    run.best = {"key": list(key), "f1": f1, "class_f1": cf1, "epoch": epoch, "setting": setting,
+                "views": views}
     run.best_state = cpu_copy(run.evaluated)
     return True
 
@@ -599,11 +602,14 @@ def cpu_copy(model: torch.nn.Module) -> dict:
 
 def model_meta(run: Run, prep: PreparedData, classes, setting: dict, epoch: int, f1: float,
                cf1: float, *, train_cfg: TrainConfig, mask_cfg: MaskConfig,
-               patch_cfg: PatchConfig, extra_meta: dict | None) -> dict:
-    """``config.json`` entries of the model kept at ``epoch`` with post-processing ``setting``."""
+               patch_cfg: PatchConfig, extra_meta: dict | None,
+               views: str = DEFAULT_VIEWS) -> dict:
+    """``config.json`` entries of the model kept at ``epoch`` with post-processing ``setting``
+    (tuned on the maps of the test-time ``views``, which the model then predicts with)."""
     return {
         "classes": classes_to_meta(classes),
         "mpp": prep.model_mpp,
+        "views": views,
         "mask": {**to_dict(mask_cfg), "disc_radius_px_at_model_mpp": run.radius},
         "postprocess_kind": run.kind,
         "postprocess": postprocess_meta(replace(run.post, **setting))
@@ -758,25 +764,32 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
                       and not budget.done(now, done_steps))
             if run.refit is not None:  # a round on every image: nothing left to validate on
                 setting, f1, cf1 = run.refit["setting"], math.nan, math.nan
+                views = run.refit.get("views", DEFAULT_VIEWS)
                 is_best = False
             else:
+                # the settings a refit keeps are tuned on the maps the model will predict
+                views = train_cfg.views if switch else DEFAULT_VIEWS
                 setting, f1, cf1 = broadcast(
                     validate(run.evaluated, prep.val_set, classes, run.post, run.match_r,
-                             run.kind, run.device, quick=budget is not None and not switch)
+                             run.kind, run.device, quick=budget is not None and not switch,
+                             views=views)
                     if run.ctx.is_main else None, run.ctx)  # rank 0 validates; others wait
                 if budget is not None:
                     budget.validated(time.perf_counter(), time.perf_counter() - now,
                                      done_steps)
-                is_best = keep_if_best(run, epoch, setting, f1, cf1, train_cfg.select_on)
+                is_best = keep_if_best(run, epoch, setting, f1, cf1, train_cfg.select_on,
+                                       views)
             if run.ctx.is_main and train_cfg.keep_epochs:
                 scores = (f1, cf1) if run.refit is None else (run.refit["f1"],
                                                               run.refit["class_f1"])
                 save_model(epoch_dir(out, epoch), _kept(run.evaluated),
                            model_meta(run, prep, classes, setting, epoch, *scores,
                                       train_cfg=train_cfg, mask_cfg=mask_cfg,
-                                      patch_cfg=patch_cfg, extra_meta=extra_meta))
+                                      patch_cfg=patch_cfg, extra_meta=extra_meta,
+                                      views=views))
             if switch:  # the settings are chosen: the rest of the run sees every image
-                run.refit = {"epoch": epoch, "setting": setting, "f1": f1, "class_f1": cf1}
+                run.refit = {"epoch": epoch, "setting": setting, "f1": f1, "class_f1": cf1,
+                             "views": views}
                 train_set = prep.data
                 if budget is not None:
                     budget.final_factor = 0.0
@@ -818,7 +831,7 @@ def keep_refit(run: Run, epoch: int) -> None:
     r = run.refit
     run.best = {"key": list(selection_key(r["f1"], r["class_f1"])), "f1": r["f1"],
                 "class_f1": r["class_f1"], "epoch": epoch, "setting": r["setting"],
-                "refit_after_round": r["epoch"]}
+                "views": r.get("views", DEFAULT_VIEWS), "refit_after_round": r["epoch"]}
     run.best_state = cpu_copy(run.evaluated)
 
 
@@ -832,24 +845,28 @@ def finish_run(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: T
                callbacks: TrainCallbacks, retune: bool = True) -> None:
     """Stage 5: tune every post-processing setting for the kept weights and write the model.
 
-    Rounds of a time budget tuned the threshold only: the whole search runs now (unless
-    ``retune`` is False, as after Ctrl-C, when the round's settings are kept as they are)."""
+    Rounds of a time budget tuned the threshold only, and every round saw one view: the whole
+    search runs now, on the maps of ``train_cfg.views`` (unless ``retune`` is False, as after
+    Ctrl-C, when the round's settings and views are kept as they are)."""
     if run.best_state is None:
         raise QpcellError("training ended before any round was validated")
     run.model.load_state_dict(run.best_state)
     best = run.best
     setting, f1, cf1 = best["setting"], best["f1"], best["class_f1"]
+    views = best.get("views", DEFAULT_VIEWS)
     refitted = best.get("refit_after_round") is not None  # its settings are chosen already
-    if retune and train_cfg.time_budget_s is not None and not refitted:
+    if retune and not refitted and (train_cfg.time_budget_s is not None
+                                    or views != train_cfg.views):
+        views = train_cfg.views
         setting, f1, cf1 = validate(run.model, prep.val_set, classes, run.post, run.match_r,
-                                    run.kind, run.device)
-        run.best.update(setting=setting, f1=f1, class_f1=cf1)
+                                    run.kind, run.device, views=views)
+        run.best.update(setting=setting, f1=f1, class_f1=cf1, views=views)
     for note in edge_notes(setting, run.post, [c.name for c in classes]):
         callbacks.on_note(note)
     save_model(out, _kept(run.model),
                model_meta(run, prep, classes, setting, int(best["epoch"]), f1, cf1,
                           train_cfg=train_cfg, mask_cfg=mask_cfg, patch_cfg=patch_cfg,
-                          extra_meta=extra_meta))
+                          extra_meta=extra_meta, views=views))
 
 
 def train(
@@ -921,6 +938,9 @@ def train(
     classes = tuple(classes)
     if train_cfg.lr_schedule not in LR_SCHEDULES:
         lr_at(0.0, train_cfg.lr, train_cfg.lr_schedule)  # raises the one-line error
+    if train_cfg.views not in VIEWS:
+        raise QpcellError(f"unknown test-time views {train_cfg.views!r}; choose from "
+                          f"{', '.join(VIEWS)}")
     saved_split = tuple(json.loads(read_state(out)["split"])) if resume else None
     init_dir = resolve_init(init)
     prep = prepare_data(images, model_mpp=model_mpp, fallback_mpp=fallback_mpp,

@@ -35,6 +35,7 @@ from qpcell.train import (
     train,
 )
 from qpcell.train_guard import RUN_FILES
+from qpcell.views import DEFAULT_VIEWS
 
 LEDGER = "ensemble.json"
 
@@ -59,9 +60,14 @@ def write_ensemble(out: Path, members: Sequence[Path]) -> Path:
     (:func:`qpcell.ensemble.combined_postprocess`)."""
     configs = [read_config(m) for m in members]
     first = configs[0]
+    views = {c.get("views", DEFAULT_VIEWS) for c in configs}
+    if len(views) > 1:  # settings tuned on other maps cannot be combined
+        raise QpcellError(f"the members were tuned for different test-time views "
+                          f"({', '.join(sorted(views))})", out)
     post = combined_postprocess([from_dict(PostprocessConfig, c["postprocess"])
                                  for c in configs])
     meta = {k: first[k] for k in ("classes", "mpp", "mask", "postprocess_kind")}
+    meta["views"] = views.pop()
     meta["postprocess"] = to_dict(post)
     meta["training"] = {"members": [c.get("training") or {} for c in configs],
                         "source_mpp": (first.get("training") or {}).get("source_mpp")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch
 from qpcell.config import PostprocessConfig
 from qpcell.inference import model_maps
 from qpcell.points import CellClass, Detections
+from qpcell.views import DEFAULT_VIEWS, view_mean
 
 
 def image_maps(predict_maps: Callable, pixels: np.ndarray, tile: int = 1024
@@ -219,13 +221,15 @@ def edge_notes(setting: dict, base: PostprocessConfig,
 
 
 def validate(model: torch.nn.Module, val_set: Sequence, classes, post, radius_px,
-             kind: str, device: torch.device, quick: bool = False) -> tuple[dict, float, float]:
+             kind: str, device: torch.device, quick: bool = False,
+             views: str = DEFAULT_VIEWS) -> tuple[dict, float, float]:
     """Tuned post-processing settings and validation scores of ``model`` on ``val_set``
-    (objects with ``pixels``, ``xy``, ``labels`` and ``regions`` at the model's scale)."""
+    (objects with ``pixels``, ``xy``, ``labels`` and ``regions`` at the model's scale), on
+    the maps averaged over the test-time ``views`` (:mod:`qpcell.views`)."""
     model.eval()
 
     def predict_maps(tiles: np.ndarray):
-        return model_maps(model, tiles, device)
+        return view_mean(partial(model_maps, model, device=device), tiles, views)
 
     maps = [image_maps(predict_maps, d.pixels) for d in val_set]
     return tune_postprocess(maps, val_set, classes, post, radius_px, kind, quick)

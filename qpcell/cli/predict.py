@@ -27,12 +27,13 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
                    workers: int | None = None, show: bool = True,
                    region_geoms: list | None = None, jobs: list | None = None,
                    cluster: ClusterArgs | None = None, backend: str = "fast",
-                   postprocess: str = "auto", readouts=None) -> list:
+                   postprocess: str = "auto", readouts=None, views: str | None = None) -> list:
     """Load ``model``, predict every image of ``source`` into ``out``, show progress.
 
     ``region_geoms`` (shapely, full-resolution px) limits every image to those regions;
     ``jobs`` (``qpcell.predict.PredictionJob``) replaces the images found in ``source``.
-    ``backend`` is the inference backend (:mod:`qpcell.inference`); ``postprocess`` where
+    ``backend`` is the inference backend (:mod:`qpcell.inference`); ``views`` the test-time
+    views (:mod:`qpcell.views`; None: the model's own); ``postprocess`` where
     the cells are found (:mod:`qpcell.device_cells`); ``batch_size=None`` picks it from the
     free memory of a CUDA device (else 4). ``cluster`` runs the
     images on Dask (:mod:`qpcell.cohort`) instead of in this process:
@@ -54,7 +55,7 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
                                batch_size=batch_size or 4, tile_size=tile_size, mpp=mpp,
                                overwrite=overwrite, tissue=tissue, workers=workers, show=show,
                                region_geoms=region_geoms, jobs=jobs, backend=backend,
-                               readouts=readouts)
+                               readouts=readouts, views=views)
     bundle = load_model(model, device=device)
     if jobs is None:
         jobs = collect_jobs(source, regions=regions, mpp=mpp)
@@ -62,7 +63,7 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
         for job in jobs:
             job.regions = list(region_geoms)
     predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()), backend=backend,
-                                      postprocess=postprocess)
+                                      postprocess=postprocess, views=views)
     _remove_leftovers(out, jobs)
     if batch_size is None:
         from qpcell.device_cells import auto_batch_size
@@ -72,6 +73,7 @@ def run_prediction(model: Path, source: Path, out: Path, *, regions: str = "anno
         console.print(f"model [bold]{escape(bundle.name)}[/] ({len(bundle.classes)} classes, "
                       f"{bundle.mpp or 'native'} µm/px) on {describe(bundle.device)} "
                       f"({resolve_backend(backend, bundle.device)}, batch {batch_size}, "
+                      f"views {predictor.info['views']}, "
                       f"cells found on {'the device' if predictor.batch_cells else 'the CPU'}); "
                       f"{len(jobs)} image(s)", highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -170,7 +172,7 @@ def _run_on_cluster(model: Path, source: Path, out: Path, cluster: ClusterArgs, 
                     regions: str, device: str | None, batch_size: int, tile_size: int,
                     mpp: float | None, overwrite: bool, tissue: bool, workers: int | None,
                     show: bool, region_geoms: list | None, jobs: list | None,
-                    backend: str, readouts=None) -> list:
+                    backend: str, readouts=None, views: str | None = None) -> list:
     from qpcell.checkpoint import load_model
     from qpcell.cohort import CohortOptions, cohort_client, predict_cohort
     from qpcell.io.readouts import ReadoutOptions
@@ -182,9 +184,10 @@ def _run_on_cluster(model: Path, source: Path, out: Path, cluster: ClusterArgs, 
     if region_geoms is not None:
         for job in jobs:
             job.regions = list(region_geoms)
-    predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()), backend=backend)
+    predictor = Predictor.from_bundle(bundle, name=str(Path(model).resolve()), backend=backend,
+                                      views=views)
     _remove_leftovers(out, jobs)
-    options = CohortOptions(device=device, backend=backend, tile_size=tile_size,
+    options = CohortOptions(device=device, backend=backend, views=views, tile_size=tile_size,
                             batch_size=batch_size,
                             tissue=tissue, post_workers=workers,
                             torch_threads=cluster.torch_threads, retries=cluster.retries,
@@ -257,6 +260,10 @@ def predict_command(
                                      "what the files say."),
     tissue: bool = typer.Option(True, help="Skip tiles without tissue (large images)."),
     workers: int | None = typer.Option(None, help="Post-processing threads."),
+    tta: str = typer.Option("model", help="Test-time views whose maps are averaged: 'model' "
+                            "(those its settings were tuned for: 'flips' when trained with "
+                            "the default recipe), 'none' (one pass, fastest), 'flips' (4 "
+                            "passes), 'dihedral' (8)."),
     postprocess: str = typer.Option("auto", help="Where cells are found in the maps: 'device' "
                                     "(where the model runs; only the cells come back), 'cpu' "
                                     "(numpy, in threads), 'auto' (the device on CUDA)."),
@@ -316,7 +323,20 @@ def predict_command(
     run_prediction(model, source, out, regions=regions, device=device, batch_size=batch_size,
                    tile_size=tile_size, mpp=mpp, overwrite=overwrite, tissue=tissue,
                    workers=workers, region_geoms=region_geoms, cluster=cluster,
-                   backend=backend, postprocess=postprocess, readouts=readouts)
+                   backend=backend, postprocess=postprocess, readouts=readouts,
+                   views=parse_tta(tta))
+
+
+def parse_tta(value: str) -> str | None:
+    """``--tta``: a set of test-time views (:data:`qpcell.views.VIEWS`), or None for
+    ``model`` (the model's own)."""
+    from qpcell.views import VIEWS
+
+    if value == "model":
+        return None
+    if value not in VIEWS:
+        raise QpcellError(f"--tta {value!r}: choose from model, {', '.join(VIEWS)}")
+    return value
 
 
 def readout_options(model: Path, positive: str | None, negative: str | None,

@@ -26,6 +26,7 @@ from qpcell.errors import QpcellError
 from qpcell.recipe import DEFAULT_BUDGET_MIN, RECIPES, default_model, recipe
 from qpcell.train import EpochSummary, TrainCallbacks, TrainResult
 from qpcell.train_guard import prepare_model_folder, training_notes
+from qpcell.views import DEFAULT_VIEWS
 
 SEPARATE = "separate"
 MTL = "mtl-ihc"
@@ -137,6 +138,7 @@ def run_training(source_classes, images, out: Path, model: str, *, show: bool = 
                                   **kwargs)
     det_cfg = read_config(out / "detection")
     meta = {k: det_cfg[k] for k in ("classes", "mpp", "mask", "postprocess_kind", "postprocess")}
+    meta["views"] = det_cfg.get("views", DEFAULT_VIEWS)  # what the threshold was tuned on
     meta["training"] = {part: read_config(out / part)["training"] for part in results}
     meta["training"]["source_mpp"] = meta["training"]["detection"].get("source_mpp")
     save_pipeline(out, {p: out / p for p in results}, meta)
