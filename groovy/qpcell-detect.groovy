@@ -38,7 +38,8 @@ POSITIVE_CLASSES = ""
 NEGATIVE_CLASSES = ""
 // Hotspot circle area in mm², e.g. 0.5 (null = no hotspot search)
 HOTSPOT_MM2 = null
-// More options for qpcell predict, e.g. ["--device", "cuda"]
+// More options for qpcell predict, e.g. ["--device", "cuda"], or ["--tta", "none"] to run
+// the network once per tile instead of on the four flips the model was tuned for (faster)
 PREDICT_OPTIONS = []
 // -------------------------------------------------------------------------------------------
 

@@ -86,6 +86,22 @@ def step_cap(area_px: float, batch_size: int, window_px: int, passes: float,
     return max(steps, int(min_steps), 1)
 
 
+#: The final validation's cost in in-run validations when it sees one view (maps of every
+#: validation image, then every setting searched instead of the threshold alone).
+FINAL_FACTOR = 3.0
+
+
+def final_validation_factor(views: int) -> float:
+    """:attr:`Budget.final_factor` for a final validation on the maps of ``views`` test-time
+    views (:mod:`qpcell.views`): each view beyond the first adds one in-run validation's
+    worth of maps (an upper bound: the in-run validation also searches the threshold).
+
+    >>> final_validation_factor(1), final_validation_factor(4)
+    (3.0, 6.0)
+    """
+    return FINAL_FACTOR + max(views - 1, 0)
+
+
 @dataclass
 class Budget:
     """A training run limited by wall-clock time, with validation at most ``val_share`` of it.
@@ -100,7 +116,8 @@ class Budget:
         Validate at most this often (evenly spread), however cheap validation is.
     final_factor
         The final validation (every setting searched, :mod:`qpcell.tuning`) costs about this
-        many in-run validations (the threshold only); it is reserved from the budget.
+        many in-run validations (the threshold only, one view); it is reserved from the
+        budget. :func:`final_validation_factor` gives it for the final validation's views.
 
     Call :meth:`start` with the clock's time, then after every step :meth:`progress`,
     :meth:`should_validate` and :meth:`done`; tell it what each validation cost with
@@ -111,7 +128,7 @@ class Budget:
     seconds: float
     val_share: float = 0.1
     max_rounds: int = 8
-    final_factor: float = 3.0
+    final_factor: float = FINAL_FACTOR
     max_steps: int | None = None
     t0: float = 0.0
     val_cost: float = 0.0
@@ -192,4 +209,5 @@ class Budget:
         return left
 
 
-__all__ = ["LR_SCHEDULES", "lr_at", "step_cap", "Budget"]
+__all__ = ["LR_SCHEDULES", "FINAL_FACTOR", "lr_at", "step_cap", "final_validation_factor",
+           "Budget"]

@@ -54,7 +54,7 @@ from qpcell.errors import Interrupted, QpcellError
 from qpcell.io.atomic import atomic_open
 from qpcell.points import AnnotatedImage, CellClass
 from qpcell.pretrained import Transfer, resolve_init, transfer_weights
-from qpcell.schedule import LR_SCHEDULES, Budget, lr_at, step_cap
+from qpcell.schedule import LR_SCHEDULES, Budget, final_validation_factor, lr_at, step_cap
 from qpcell.train_guard import check_resume_state
 from qpcell.tuning import edge_notes, image_maps, tune_class_gain, tune_postprocess, validate
 from qpcell.views import DEFAULT_VIEWS, VIEWS
@@ -686,7 +686,8 @@ def train_rounds(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg:
         cap = step_cap(sum(annotated_area_px(d) for d in prep.train_set),
                        train_cfg.batch_size * run.ctx.world_size, patch_cfg.size,
                        train_cfg.max_passes, train_cfg.min_steps)
-        budget = Budget(train_cfg.time_budget_s, val_share=train_cfg.val_share, max_steps=cap)
+        budget = Budget(train_cfg.time_budget_s, val_share=train_cfg.val_share, max_steps=cap,
+                        final_factor=final_validation_factor(len(VIEWS[train_cfg.views])))
         budget.start(time.perf_counter() - run.elapsed)
         if cap is not None and run.start_epoch == 1:
             callbacks.on_note(cap_note(cap, train_cfg))

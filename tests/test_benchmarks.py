@@ -529,3 +529,29 @@ def test_class_separability_runs_on_a_model_folder(endonuke, tmp_path, monkeypat
     matched = int(np.sum(row["confusion"]))
     assert matched == sum(s["n"] for s in row["classes"].values())
     assert matched <= sum(len(a.xy) for a in split.test[:2])
+
+
+def test_views_retunes_each_model_for_its_views_and_reproduces_training(endonuke, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("QPCELL_DATA", str(endonuke.parent))
+    tta = load_script("time_to_accuracy")
+    common = ["--smoke", "--datasets", "endonuke", "--workdir", str(tmp_path / "runs"),
+              "--device", "cpu"]
+    single = tta.main([*common, "--minutes", "0.1", "--seeds", "0,1", "--members", "1"])
+    folders = [r["model_dir"] for r in single["runs"]]
+    ens = tta.main([*common, "--ensembles-of", *folders, "--group", "2"])["runs"][0]
+    views = load_script("views")
+    out = tmp_path / "views.json"
+    result = views.main([folders[0], str(tmp_path / "runs" / "endonuke-ensemble-seeds-0-1"),
+                         "--dataset", "endonuke", "--views", "none,flips",
+                         "--one-view-with-their-settings", "--json", str(out)])
+    rows = result["models"][folders[0]]
+    assert set(rows) == {"none", "flips", "none@flips"}
+    # the fast recipe tunes for the four flips: the same weights, tuning and test images
+    # give the run's own scores again
+    assert rows["flips"]["scores"] == pytest.approx(single["runs"][0]["scores"])
+    assert rows["none@flips"]["setting"] == rows["flips"]["setting"]  # one view, their settings
+    ens_rows = result["models"][str(tmp_path / "runs" / "endonuke-ensemble-seeds-0-1")]
+    assert ens_rows["flips"]["scores"] == pytest.approx(ens["scores"])
+    assert result["summary"]["flips"]["minus_none"]["detection_f1"]["of"] == 2
+    assert json.loads(out.read_text(encoding="utf-8"))["dataset"] == "endonuke"

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from qpcell.errors import QpcellError
-from qpcell.schedule import Budget, lr_at, step_cap
+from qpcell.schedule import FINAL_FACTOR, Budget, final_validation_factor, lr_at, step_cap
 
 
 def test_constant_schedule_is_the_papers():
@@ -136,3 +136,15 @@ def test_seconds_left_counts_down_to_zero():
     assert budget.left(130.0) == 30.0
     assert budget.left(500.0) == 0.0
     assert not math.isnan(budget.progress(130.0))
+
+
+def test_a_final_validation_on_more_views_is_reserved_and_the_run_still_ends_on_time():
+    assert final_validation_factor(1) == FINAL_FACTOR
+    one, four = (Budget(300, final_factor=final_validation_factor(n)) for n in (1, 4))
+    for budget in (one, four):
+        budget.start(0.0)
+        budget.validated(10.0, 5.0, 10)
+    assert four.reserve - one.reserve == pytest.approx(3 * 5.0)  # three more views' maps
+    assert four.train_seconds < one.train_seconds
+    end, _, _, _ = simulate(Budget(300, final_factor=final_validation_factor(4)), 1.0, 3.0)
+    assert 300 * 0.85 <= end <= 300 * 1.02 + 1.0

@@ -356,6 +356,7 @@ def test_a_time_budget_ends_on_time_with_the_schedule_run_out(tmp_path):
     config = read_config(result.model_dir)
     assert config["training"]["config"]["time_budget_s"] == budget
     assert config["model"]["batch_norm"] is True
+    assert config["views"] == "flips"  # tuned on, and predicting with, the four flips
 
 
 def test_a_step_cap_ends_a_long_budget_early_with_the_schedule_run_out(tmp_path):
