@@ -111,6 +111,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "rows 'none@VIEWS'")
     p.add_argument("--cache", type=Path, default=Path("runs/data-cache"),
                    help="where time_to_accuracy.py wrote resampled data")
+    p.add_argument("--max-test", type=int, default=None,
+                   help="score only the first N test images (3 for time_to_accuracy --smoke)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     args.views = [v for v in args.views.split(",") if v]
@@ -121,7 +123,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    split = load_split(args.dataset, data_root(), args.cache)
+    split = load_split(args.dataset, data_root(), args.cache, max_test=args.max_test)
     models, cache = {}, {}
     for folder in args.models:
         rows = {}
