@@ -34,9 +34,10 @@ scanners and pixel sizes it was not built for. Each of its changes was measured 
   (``--scale-jitter``, each window read at a random scale), which scored level on EndoNuke;
 * the model predicts each tile four times, as it is and flipped (``views="flips"``,
   :mod:`qpcell.views`), and averages the maps; the final post-processing settings are tuned on
-  those maps. On the models of eighteen runs (EndoNuke at 1x and 2x, NuCLS) detection F1 rose
-  in most, by 0.002-0.003 on EndoNuke and 0.03 on NuCLS, at four times the network's time
-  (docs/RESULTS.md, "Test-time views"; ``qpcell predict --tta none`` for one pass).
+  those maps. On the kept models of 24 runs (EndoNuke at 1x, 2x and 3x, NuCLS) detection F1
+  rose in 22, by 0.002-0.005 on EndoNuke and 0.03 on NuCLS, with classification level, at four
+  times the network's time (docs/RESULTS.md, "Test-time views"; ``qpcell predict --tta none``
+  for one pass).
 
 The fast recipe trains the plain U-Net (:data:`DEFAULT_MODELS`): its step costs a third of
 S-DRDIN's, so it takes three times the steps in a budget, and it scored higher on EndoNuke at 5
