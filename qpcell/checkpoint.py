@@ -313,6 +313,8 @@ def check_model_description(config: dict, classes: tuple[CellClass, ...],
               "min_area_px": (post.min_area_px, 0.0, math.inf),
               "peak_window_px": (post.peak_window_px, 1, math.inf),
               "class_box_px": (post.class_box_px, 1, math.inf),
+              "context_radius_px": (post.context_radius_px, 0.0, math.inf),
+              "context_weight": (post.context_weight, 0.0, 1.0),
               "mpp": (post.mpp, 1e-6, math.inf)}
     peaks = config.get("peaks") or {}
     if config.get("postprocess_kind") == "peaks" and isinstance(peaks, dict):

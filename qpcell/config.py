@@ -8,6 +8,7 @@ use :meth:`PostprocessConfig.scaled` to carry it to another resolution.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 PAPER_MPP = 0.44  # S-DRDIN 2.2: 40x scans rescaled to 20x, 0.44 µm/pixel
@@ -59,6 +60,11 @@ class PostprocessConfig:
     # prior shift, p'_c = g_c p_c / sum_k g_k p_k), tuned on validation so that rare classes
     # are predicted at all; () = every factor 1, the paper's plain argmax.
     class_gain: tuple[float, ...] = ()
+    # Not in the papers: each cell's class probabilities are mixed with the mean of those of
+    # the other cells within context_radius_px, with weight context_weight (0 = off, the
+    # papers), before the gains: tissue classes such as epithelium and stroma come in groups.
+    context_radius_px: float = 0.0
+    context_weight: float = 0.0
     mpp: float = PAPER_MPP  # S-DRDIN 2.2
 
     def scaled(self, mpp: float) -> PostprocessConfig:
@@ -74,12 +80,17 @@ class PostprocessConfig:
 
         return replace(self, min_area_px=self.min_area_px * f * f,
                        peak_window_px=odd(self.peak_window_px * f),
-                       class_box_px=odd(self.class_box_px * f), mpp=mpp)
+                       class_box_px=odd(self.class_box_px * f),
+                       context_radius_px=self.context_radius_px * f, mpp=mpp)
 
     @property
     def reach_px(self) -> int:
-        """How far (pixels) post-processing looks around a cell: the tile halo must cover it."""
-        return max(self.class_box_px, self.peak_window_px) // 2 + 1
+        """How far (pixels) post-processing looks around a cell: the tile halo must cover it
+        (the neighbours that give a cell its context, and what they look at)."""
+        reach = max(self.class_box_px, self.peak_window_px) // 2 + 1
+        if self.context_weight > 0:
+            reach += math.ceil(self.context_radius_px)
+        return reach
 
 
 @dataclass(frozen=True)

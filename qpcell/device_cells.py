@@ -162,9 +162,12 @@ class DeviceCells:
                           np.minimum(plan.tile, gw - tx), np.minimum(plan.tile, gh - ty)], 1)
         core = np.stack([cores[:, 0] - tx, cores[:, 1] - ty, cores[:, 2] - tx,
                          cores[:, 3] - ty], 1)
-        batch = sdrdin_batch(det, cls, self.cfg, valid=valid, core=core)
-        cells = cells_of_batch(batch, len(cores), self.cfg, self.classes,
-                               offsets=np.stack([tx, ty], 1))
+        cfg = self.cfg
+        grow = math.ceil(cfg.context_radius_px) if cfg.context_weight > 0 else 0
+        batch = sdrdin_batch(det, cls, cfg, valid=valid,
+                             core=core + np.array([-grow, -grow, grow, grow]))
+        cells = cells_of_batch(batch, len(cores), cfg, self.classes,
+                               offsets=np.stack([tx, ty], 1), core=core if grow else None)
         self._tick("postprocess", t0)
         return cells
 

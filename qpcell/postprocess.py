@@ -139,6 +139,64 @@ def apply_class_gain(probs: np.ndarray, gain) -> np.ndarray:
     return _normalise(probs * gain)
 
 
+def neighbour_context(xy: np.ndarray, probs: np.ndarray, radius_px: float, weight: float
+                      ) -> np.ndarray:
+    """Class probabilities mixed with the cells' neighbourhood.
+
+    Each cell's row becomes ``(1 - weight) p_i + weight * mean(p_j)`` over the other cells
+    ``j`` whose centres lie within ``radius_px`` of its own (``<=``); a cell without such a
+    neighbour keeps its row. A mixture of rows that sum to 1 sums to 1.
+
+    Parameters
+    ----------
+    xy
+        ``(N, 2)`` cell centres, pixels.
+    probs
+        ``(N, C)`` class probabilities.
+    radius_px
+        Neighbourhood radius, pixels of ``xy``.
+    weight
+        Share of the neighbours' mean, in [0, 1]; 0 returns ``probs`` unchanged.
+
+    Examples
+    --------
+    >>> xy = np.array([[0.0, 0.0], [3.0, 0.0], [50.0, 0.0]])
+    >>> p = np.array([[0.6, 0.4], [0.0, 1.0], [1.0, 0.0]])
+    >>> neighbour_context(xy, p, radius_px=5, weight=0.5).tolist()
+    [[0.3, 0.7], [0.3, 0.7], [1.0, 0.0]]
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if not 0.0 <= weight <= 1.0:
+        raise QpcellError(f"context weight {weight!r} must be from 0 to 1")
+    if weight == 0 or radius_px <= 0 or len(probs) < 2:
+        return probs
+    pairs = cKDTree(np.asarray(xy, dtype=np.float64)).query_pairs(radius_px,
+                                                                  output_type="ndarray")
+    if not len(pairs):
+        return probs
+    i = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    j = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    count = np.bincount(i, minlength=len(probs)).astype(np.float64)
+    sums = np.stack([np.bincount(i, weights=probs[j, c], minlength=len(probs))
+                     for c in range(probs.shape[1])], axis=1)
+    has = count > 0
+    out = probs.copy()
+    out[has] = (1.0 - weight) * probs[has] + weight * sums[has] / count[has, None]
+    return out
+
+
+def class_probabilities(means: np.ndarray, xy: np.ndarray, cfg: PostprocessConfig, *,
+                        normalize: bool = True) -> np.ndarray:
+    """A tile's ``(N, C)`` box means -> the probabilities its cells' classes are chosen from:
+    normalised (see the module notes), mixed with their neighbours'
+    (:func:`neighbour_context`, ``cfg.context_*``) and times the class gains."""
+    probs = _normalise(means) if normalize else np.asarray(means, dtype=np.float64)
+    probs = neighbour_context(xy, probs, cfg.context_radius_px, cfg.context_weight)
+    if cfg.class_gain:
+        probs = apply_class_gain(probs, cfg.class_gain)
+    return probs
+
+
 def relabel_with_gain(dets: Detections, gain) -> Detections:
     """The same cells, each class chosen again from its probabilities times ``gain``
     (:func:`apply_class_gain`); the stored probabilities become the shifted ones."""
@@ -360,9 +418,9 @@ def postprocess_sdrdin(det: np.ndarray, cls: np.ndarray | None, cfg: Postprocess
         ``(C, H, W)`` class probabilities, or ``None`` for a detection-only model (every cell
         gets class 0 and probability 1 for it).
     cfg
-        Threshold, minimum area, peak window and class box, in pixels of this map
-        (use ``cfg.scaled(map_mpp)``), and the class gains (``cfg.class_gain``: the box
-        means are multiplied by them and renormalised before the argmax).
+        Threshold, minimum area, peak window, class box and context radius, in pixels of
+        this map (use ``cfg.scaled(map_mpp)``), and the class gains (``cfg.class_gain``: the
+        box means are multiplied by them and renormalised before the argmax).
     classes
         The model's classes (``C`` of them).
     normalize
@@ -400,11 +458,8 @@ def postprocess_sdrdin(det: np.ndarray, cls: np.ndarray | None, cfg: Postprocess
         probs = np.zeros((len(xy), len(classes)))
         probs[:, 0] = 1.0
     else:
-        probs = box_means(cls, rows, cols, int(cfg.class_box_px))
-        if normalize:
-            probs = _normalise(probs)
-        if cfg.class_gain:
-            probs = apply_class_gain(probs, cfg.class_gain)
+        probs = class_probabilities(box_means(cls, rows, cols, int(cfg.class_box_px)), xy,
+                                    cfg, normalize=normalize)
     labels = np.argmax(probs, axis=1)
     return Detections(xy, labels, scores, probs.astype(np.float32), classes)
 
@@ -484,5 +539,5 @@ def _suppress(xy: np.ndarray, radius: float) -> np.ndarray:
 
 
 __all__ = ["postprocess_sdrdin", "postprocess_peaks", "cell_centres", "window_peaks", "box_means",
-           "apply_class_gain", "relabel_with_gain", "squared_distances",
-           "merge_radius_px", "MERGE_RADIUS_UM"]
+           "apply_class_gain", "neighbour_context", "class_probabilities", "relabel_with_gain",
+           "squared_distances", "merge_radius_px", "MERGE_RADIUS_UM"]

@@ -28,8 +28,11 @@ the rest counts as *outside*: neither cell nor background, as if the map were cr
    summed over the ``class_box_px`` box clipped to ``valid`` (one cumulative sum along the
    rows, in float64 where the device has it).
 
-The class probabilities are then the box means, normalised and multiplied by the class gains
-on the host, by the very functions of the CPU path (:func:`cells_of_batch`).
+The class probabilities are then the box means, normalised, mixed with the neighbouring
+cells' and multiplied by the class gains on the host, by the very function of the CPU path
+(:func:`cells_of_batch`). The neighbours of a core's cells lie around the core: with the
+mixing on, the caller passes ``core`` grown by the context radius to step 6 and the core
+itself to :func:`cells_of_batch`.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from qpcell.config import PostprocessConfig
 from qpcell.errors import QpcellError
 from qpcell.points import CellClass, Detections
-from qpcell.postprocess import _normalise, apply_class_gain, merge_radius_px
+from qpcell.postprocess import class_probabilities, merge_radius_px
 
 #: Steps of the distance transform between two (synchronising) checks for convergence.
 _CHECK_EVERY = {"cuda": 4, "cpu": 1}
@@ -369,36 +372,39 @@ def sdrdin_batch(det: torch.Tensor, cls: torch.Tensor | None, cfg: PostprocessCo
 
 def cells_of_batch(batch: BatchCells, n_tiles: int, cfg: PostprocessConfig,
                    classes: Sequence[CellClass], *, normalize: bool = True,
-                   offsets=None) -> list[Detections]:
+                   offsets=None, core=None) -> list[Detections]:
     """One :class:`Detections` per tile from :func:`sdrdin_batch`'s cells.
 
-    Class probabilities as in :func:`qpcell.postprocess.postprocess_sdrdin` (box means
-    normalised, times ``cfg.class_gain``, argmax). ``offsets`` ``(B, 2)`` ``(x, y)`` px are
-    added to each tile's centres (e.g. the tile's origin on the slide grid).
+    Class probabilities as in :func:`qpcell.postprocess.postprocess_sdrdin`
+    (:func:`~qpcell.postprocess.class_probabilities`: box means normalised, mixed with the
+    tile's neighbouring cells, times ``cfg.class_gain``; argmax). ``core`` ``(B, 4)``
+    ``(x0, y0, x1, y1)`` px: then keep only each tile's cells whose centre is in
+    ``[x0, x1) x [y0, y1)`` (after the mixing, which needs the cells around the core).
+    ``offsets`` ``(B, 2)`` ``(x, y)`` px are added to each tile's centres (e.g. the tile's
+    origin on the slide grid).
     """
     classes = tuple(classes)
-    if batch.box_means is None:
-        probs = np.zeros((len(batch.tile), len(classes)))
-        probs[:, 0] = 1.0
-    else:
-        if batch.box_means.shape[1] != len(classes):
-            raise QpcellError(f"{batch.box_means.shape[1]} class maps for {len(classes)} "
-                              "classes")
-        probs = batch.box_means
-        if normalize:
-            probs = _normalise(probs)
-        if cfg.class_gain:
-            probs = apply_class_gain(probs, cfg.class_gain)
-    labels = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
-    xy = batch.xy
-    if offsets is not None:
-        xy = xy + np.asarray(offsets, dtype=np.float64)[batch.tile]
-    probs = probs.astype(np.float32)
+    if batch.box_means is not None and batch.box_means.shape[1] != len(classes):
+        raise QpcellError(f"{batch.box_means.shape[1]} class maps for {len(classes)} classes")
     out = []
     bounds = np.searchsorted(batch.tile, np.arange(n_tiles + 1))
     for t in range(n_tiles):
         s = slice(bounds[t], bounds[t + 1])
-        out.append(Detections(xy[s], labels[s], batch.scores[s], probs[s], classes))
+        xy = batch.xy[s]
+        if batch.box_means is None:
+            probs = np.zeros((len(xy), len(classes)))
+            probs[:, 0] = 1.0
+        else:
+            probs = class_probabilities(batch.box_means[s], xy, cfg, normalize=normalize)
+        labels = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
+        scores = batch.scores[s]
+        if core is not None:
+            x0, y0, x1, y1 = np.asarray(core, dtype=np.float64)[t]
+            keep = (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
+            xy, probs, labels, scores = xy[keep], probs[keep], labels[keep], scores[keep]
+        if offsets is not None:
+            xy = xy + np.asarray(offsets, dtype=np.float64)[t]
+        out.append(Detections(xy, labels, scores, probs.astype(np.float32), classes))
     return out
 
 

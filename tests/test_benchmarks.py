@@ -437,6 +437,29 @@ def test_class_gains_tunes_each_grid_on_validation_and_scores_test(endonuke, tmp
     assert rows[0]["scores"]["detection_f1"] == rows[1]["scores"]["detection_f1"]
 
 
+def test_class_context_scores_each_setting_on_the_same_cells(endonuke, tmp_path, monkeypatch):
+    context, split = script_with_a_model("class_context", endonuke, tmp_path, monkeypatch)
+    out = tmp_path / "context.json"
+    result = context.main(["--models", str(tmp_path / "m"), "--settings", "0:0,10:0.5,400:1",
+                           "--max-test", "2", "--cache", str(tmp_path / "cache"),
+                           "--json", str(out)])
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert [(r["radius_um"], r["weight"]) for r in rows] == [(0, 0), (10, 0.5), (400, 1)]
+    assert len({r["scores"]["detection_f1"] for r in rows}) == 1  # classes move, cells stay
+    assert list(result["summary"]) == ["0:0", "10:0.5", "400:1"]
+    assert result["summary"]["0:0"]["weighted_f1"]["diff"] == 0.0
+    # radius in µm at the image's pixel size: 2 µm reaches a cell 4 px away at 0.44 µm/px
+    from qpcell.points import Detections
+
+    cells = Detections(np.array([[0.0, 0.0], [4.0, 0.0], [40.0, 0.0]]), np.array([0, 1, 0]),
+                       np.ones(3), np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2]]),
+                       split.classes[:2], mpp=0.44)
+    (mixed,) = context.with_context([cells], 2.0, 1.0, mpp=1.0)
+    assert mixed.labels.tolist() == [1, 0, 0]
+    np.testing.assert_allclose(mixed.class_probs[2], [0.8, 0.2])
+
+
 def test_fixed_postprocess_scores_the_saved_and_the_fixed_settings(endonuke, tmp_path,
                                                                  monkeypatch):
     fixed, _ = script_with_a_model("fixed_postprocess", endonuke, tmp_path, monkeypatch)

@@ -285,6 +285,8 @@ def test_images_qpcell_cannot_see_are_refused(cli, tiny_model, tmp_path, kind):
 
 @pytest.mark.parametrize("edit, problem", [
     (lambda c: c["postprocess"].update(threshold=float("nan")), "threshold is nan"),
+    (lambda c: c["postprocess"].update(context_weight=2), "context_weight is 2; it must be a "
+     "number from 0 to 1"),
     (lambda c: c.update(classes=c["classes"][:2]), "lists 2 classes but the network has 3"),
 ])
 def test_a_bad_model_config_fails_at_load_naming_it(cli, tiny_model, synthetic_project,

@@ -9,9 +9,11 @@ from qpcell.config import PostprocessConfig
 from qpcell.errors import QpcellError
 from qpcell.points import make_classes
 from qpcell.postprocess import (
+    apply_class_gain,
     box_means,
     cell_centres,
     merge_radius_px,
+    neighbour_context,
     postprocess_peaks,
     postprocess_sdrdin,
     squared_distances,
@@ -134,6 +136,59 @@ def test_scaled_config_finds_the_same_cells_at_twice_the_resolution():
     np.testing.assert_allclose(np.sort((b - 0.5) / 2, axis=0), np.sort(a, axis=0), atol=0.5)
     # at the fine resolution, the coarse config would keep the small discs too
     assert len(cell_centres(hi, cfg)) == 4
+
+
+def test_neighbour_context_is_the_mean_of_the_cells_around():
+    rng = np.random.default_rng(4)
+    xy = np.concatenate([rng.uniform(0, 100, (299, 2)), [[500.0, 500.0]]])  # one far away
+    probs = rng.dirichlet(np.ones(3), 300)
+    got = neighbour_context(xy, probs, radius_px=9.0, weight=0.3)
+    d = np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1))
+    near = (d <= 9.0) & ~np.eye(300, dtype=bool)
+    assert near[:299].any(axis=1).mean() > 0.9 and not near[299].any()
+    for i in range(300):
+        want = probs[i] if not near[i].any() else 0.7 * probs[i] + 0.3 * probs[near[i]].mean(0)
+        np.testing.assert_allclose(got[i], want, rtol=1e-12)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(got[299], probs[299])  # a lonely cell keeps its own
+    np.testing.assert_array_equal(neighbour_context(xy, probs, 9.0, 0.0), probs)
+    np.testing.assert_array_equal(neighbour_context(xy, probs, 0.0, 0.5), probs)
+    with pytest.raises(QpcellError, match="from 0 to 1"):
+        neighbour_context(xy, probs, 9.0, 1.5)
+
+
+def test_context_mixes_before_the_gains_and_changes_only_classes():
+    det = np.zeros((60, 120), np.float32)
+    cls = np.zeros((2, 60, 120), np.float32)
+    for x, p in ((15, 0.9), (30, 0.45), (45, 0.8), (100, 0.3)):  # three close, one far
+        det[disc(det.shape, x, 30, 5)] = 1
+        cls[0][disc(det.shape, x, 30, 5)] = p
+        cls[1][disc(det.shape, x, 30, 5)] = 1 - p
+    base = PostprocessConfig(min_area_px=10, peak_window_px=7, class_box_px=3)
+    plain = postprocess_sdrdin(det, cls, base, CLASSES)
+    assert plain.labels.tolist() == [0, 1, 0, 1]
+    mixed = postprocess_sdrdin(det, cls, PostprocessConfig(
+        min_area_px=10, peak_window_px=7, class_box_px=3, context_radius_px=16,
+        context_weight=0.5), CLASSES)
+    np.testing.assert_array_equal(mixed.xy, plain.xy)
+    np.testing.assert_array_equal(mixed.scores, plain.scores)
+    assert mixed.labels.tolist() == [0, 0, 0, 1]  # the middle cell joins its neighbours
+    np.testing.assert_allclose(mixed.class_probs[1, 0], 0.5 * 0.45 + 0.5 * (0.9 + 0.8) / 2,
+                               rtol=1e-6)
+    gained = postprocess_sdrdin(det, cls, PostprocessConfig(
+        min_area_px=10, peak_window_px=7, class_box_px=3, context_radius_px=16,
+        context_weight=0.5, class_gain=(1.0, 3.0)), CLASSES)
+    np.testing.assert_allclose(gained.class_probs, apply_class_gain(mixed.class_probs,
+                                                                    (1.0, 3.0)), rtol=1e-6)
+
+
+def test_context_radius_scales_and_widens_the_reach():
+    cfg = PostprocessConfig(class_box_px=9, peak_window_px=15, context_radius_px=22.5)
+    assert cfg.reach_px == 8  # no weight: no context, no wider reach
+    on = PostprocessConfig(class_box_px=9, peak_window_px=15, context_radius_px=22.5,
+                           context_weight=0.5)
+    assert on.reach_px == 8 + 23
+    assert on.scaled(on.mpp / 2).context_radius_px == 45.0
 
 
 @pytest.mark.parametrize("window", [3, 7, 15, 31])

@@ -67,10 +67,15 @@ def test_batch_gives_the_cells_of_the_cpu_path_on_cropped_tiles(binary):
     for cfg in (PostprocessConfig(min_area_px=25, peak_window_px=15, class_box_px=49,
                                   class_gain=(1.0, 3.0, 0.5)),
                 PostprocessConfig(threshold=0.6, min_area_px=0, peak_window_px=5,
-                                  class_box_px=7)):
+                                  class_box_px=7),
+                PostprocessConfig(threshold=0.6, min_area_px=0, peak_window_px=5,
+                                  class_box_px=7, context_radius_px=9.5, context_weight=0.5,
+                                  class_gain=(1.0, 3.0, 0.5))):
+        # as DeviceCells: with the context, the cells around the core first, then the core
+        grow = 10 if cfg.context_weight else 0
         batch = sdrdin_batch(torch.from_numpy(det), torch.from_numpy(cls), cfg, valid=valid,
-                             core=core)
-        got = cells_of_batch(batch, 6, cfg, CLASSES)
+                             core=np.array(core) + [-grow, -grow, grow, grow])
+        got = cells_of_batch(batch, 6, cfg, CLASSES, core=core if grow else None)
         n = 0
         for i in range(6):
             xy, labels, scores, probs = cpu_cells(det[i], cls[i], cfg, valid[i], core[i])
@@ -138,7 +143,8 @@ def both_paths(bundle, slide: Slide, **kw):
     return out
 
 
-def test_synthetic_slide_cells_are_the_same_on_both_paths(tiny_model):
+@pytest.mark.parametrize("context_px", [0.0, 12.0])
+def test_synthetic_slide_cells_are_the_same_on_both_paths(tiny_model, context_px):
     from qpcell.synthetic import render_image
 
     bundle = load_model(tiny_model, device="cpu")
@@ -147,7 +153,8 @@ def test_synthetic_slide_cells_are_the_same_on_both_paths(tiny_model):
     det, _ = bundle.predict_maps(image[None])
     # the barely trained model's maps, cut where a fifth of the pixels are cells
     bundle.postprocess = replace(bundle.postprocess, min_area_px=20,
-                                 threshold=float(np.quantile(det, 0.8)))
+                                 threshold=float(np.quantile(det, 0.8)),
+                                 context_radius_px=context_px, context_weight=0.5)
     cpu, dev = both_paths(bundle, slide, tile_size=160, batch_size=5)
     assert len(cpu) > 60
     f1, same = agreement(dev, cpu)

@@ -141,6 +141,29 @@ def test_tiled_equals_whole_image(scene):
     assert np.median(d) < 0.5
 
 
+def test_tiled_equals_whole_image_with_neighbour_context(scene):
+    img, _, _ = scene
+    slide = Slide.from_array(img)
+    cfg = PostprocessConfig(context_radius_px=40.0, context_weight=0.5)
+    ref_xy, ref = whole_image_cells(slide, None, cfg)
+    _, plain = whole_image_cells(slide, None)
+    assert np.abs(ref.class_probs - plain.class_probs).max() > 0.05  # the context counts
+    got = predict_slide(slide, fake_maps, fake_post(cfg), mpp=None, tile_size=256,
+                        reach_px=cfg.reach_px, batch_size=3)
+    a = sort_cells(ref_xy, ref.labels, ref.class_probs)
+    b = sort_cells(got.xy, got.labels, got.class_probs)
+    assert len(got) == len(ref)
+    np.testing.assert_allclose(b[0], a[0], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(b[1], a[1])
+    np.testing.assert_allclose(b[2], a[2], atol=1e-6)
+    # a halo that covers the classes' boxes but not the neighbours changes cells at the cores'
+    # edges
+    short = predict_slide(slide, fake_maps, fake_post(cfg), mpp=None, tile_size=256,
+                          reach_px=CFG.reach_px, batch_size=3)
+    c = sort_cells(short.xy, short.class_probs)
+    assert np.abs(c[1] - a[2]).max() > 1e-3
+
+
 def test_tiled_equals_whole_image_when_resampled(scene):
     img, _, _ = scene
     big = np.asarray(Image.fromarray(img).resize((1800, 1400), Image.BICUBIC))
