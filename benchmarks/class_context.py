@@ -58,14 +58,16 @@ def with_context(dets: Sequence, radius_um: float, weight: float, mpp: float) ->
     return out
 
 
-def run_model(model_dir: Path, split, settings: Sequence[tuple[float, float]]) -> list[dict]:
-    """One row per setting: the gains tuned on validation and the test scores with them."""
+def run_model(model_dir: Path, split, settings: Sequence[tuple[float, float]],
+              tune_radius: float | None = None) -> list[dict]:
+    """One row per setting (and one with the weight tuned at ``tune_radius`` µm): the gains
+    tuned on validation and the test scores with them."""
     from qpcell.checkpoint import load_model
     from qpcell.config import PAPER_MPP
     from qpcell.metrics import score_dataset
     from qpcell.postprocess import relabel_with_gain
     from qpcell.train import estimate_source_mpp
-    from qpcell.tuning import tune_class_gain
+    from qpcell.tuning import tune_class_gain, tune_context_weight
 
     config = json.loads((model_dir / "config.json").read_text())
     val_names = set(config["training"]["val_images"])
@@ -76,26 +78,36 @@ def run_model(model_dir: Path, split, settings: Sequence[tuple[float, float]]) -
     val_dets = predict_images(bundle, val, source_mpp)
     test_dets = predict_images(bundle, split.test, source_mpp)
     names = [c.name for c in split.classes]
+    mpp = source_mpp or PAPER_MPP
     rows = []
-    for radius_um, weight in settings:
-        mpp = source_mpp or PAPER_MPP
-        v = with_context(val_dets, radius_um, weight, mpp)
-        gain, _ = tune_class_gain(v, val, split.classes, split.radius_px)
+
+    def score(radius_um: float, weight: float, gain, tuned: bool) -> None:
         test = [relabel_with_gain(d, gain)
                 for d in with_context(test_dets, radius_um, weight, mpp)]
         report = score_dataset(list(zip(test, split.test, strict=True)), names, split.radius_px)
-        rows.append({"model": str(model_dir), "radius_um": radius_um, "weight": weight,
+        rows.append({"model": str(model_dir), "radius_um": radius_um,
+                     "weight": "tuned" if tuned else weight, "chosen_weight": weight,
                      "gain": list(gain), "scores": scores_of(report)})
         s = rows[-1]["scores"]
-        print(f"{model_dir.name} {radius_um:g} µm x {weight:g}: detection F1 "
-              f"{s['detection_f1']:.3f} weighted F1 {s['weighted_f1']:.3f} class-aware "
-              f"{s['mean_class_aware_f1']:.3f}", flush=True)
+        print(f"{model_dir.name} {radius_um:g} µm x {rows[-1]['weight']} ({weight:g}): "
+              f"detection F1 {s['detection_f1']:.3f} weighted F1 {s['weighted_f1']:.3f} "
+              f"class-aware {s['mean_class_aware_f1']:.3f}", flush=True)
+
+    for radius_um, weight in settings:
+        gain, _ = tune_class_gain(with_context(val_dets, radius_um, weight, mpp), val,
+                                  split.classes, split.radius_px)
+        score(radius_um, weight, gain, tuned=False)
+    if tune_radius is not None:
+        weight, gain, _ = tune_context_weight(
+            lambda w: with_context(val_dets, tune_radius, w, mpp), val, split.classes,
+            split.radius_px)
+        score(tune_radius, weight, gain, tuned=True)
     return rows
 
 
 def summarise(rows: Sequence[dict]) -> dict:
     """Per setting: the mean of each figure over the models, and its mean difference from the
-    first setting with how many models scored higher."""
+    first setting with how many models scored higher (and the weights the tuning chose)."""
     settings = list(dict.fromkeys((r["radius_um"], r["weight"]) for r in rows))
     by = {(r["model"], r["radius_um"], r["weight"]): r["scores"] for r in rows}
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -106,7 +118,10 @@ def summarise(rows: Sequence[dict]) -> dict:
             diffs = [by[(m, *s)][k] - by[(m, *settings[0])][k] for m in models]
             entry[k] = {"mean": float(np.mean([by[(m, *s)][k] for m in models])),
                         "diff": float(np.mean(diffs)), "higher": int(np.sum(np.array(diffs) > 0))}
-        out[f"{s[0]:g}:{s[1]:g}"] = entry
+        if s[1] == "tuned":
+            entry["chosen_weights"] = [r["chosen_weight"] for r in rows
+                                       if (r["radius_um"], r["weight"]) == s]
+        out[f"{s[0]:g}:{s[1]}" if isinstance(s[1], str) else f"{s[0]:g}:{s[1]:g}"] = entry
     return out
 
 
@@ -114,10 +129,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = model_runs_parser(__doc__.splitlines()[0])
     p.add_argument("--settings", default="0:0,10:0.5",
                    help="comma-separated radius_um:weight pairs; the first is the reference")
+    p.add_argument("--tune-radius", type=float, default=None, help="also a row with the weight "
+                   "tuned on validation at this radius (µm), as training tunes it")
     args = p.parse_args(argv)
     split = load_split(args.dataset, data_root(), args.cache, max_test=args.max_test)
     settings = parse_settings(args.settings)
-    rows = [r for m in args.models for r in run_model(m, split, settings)]
+    rows = [r for m in args.models for r in run_model(m, split, settings, args.tune_radius)]
     summary = summarise(rows)
     for name, entry in summary.items():
         print(f"{name}: " + "  ".join(

@@ -63,6 +63,7 @@ class PostprocessConfig:
     # Not in the papers: each cell's class probabilities are mixed with the mean of those of
     # the other cells within context_radius_px, with weight context_weight (0 = off, the
     # papers), before the gains: tissue classes such as epithelium and stroma come in groups.
+    # Training tunes the weight on validation where a radius is given (qpcell.tuning).
     context_radius_px: float = 0.0
     context_weight: float = 0.0
     mpp: float = PAPER_MPP  # S-DRDIN 2.2

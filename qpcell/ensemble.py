@@ -69,8 +69,8 @@ def mean_maps(maps: Sequence[tuple[np.ndarray, np.ndarray | None]]
 def combined_postprocess(posts: Sequence[PostprocessConfig]) -> PostprocessConfig:
     """Post-processing for the averaged maps, from the members' tuned settings: the mean
     detection threshold, the geometric mean of the class gains (a member without gains
-    counts as all 1), and for the window sizes
-    and the minimum area the members' median (the lower one of an even count, so that it is
+    counts as all 1), and for the window sizes, the minimum area and the neighbours' share of
+    the classes the members' median (the lower one of an even count, so that it is
     a value some member chose).
 
     The members validated on different images, and every image some member validated on was
@@ -88,7 +88,8 @@ def combined_postprocess(posts: Sequence[PostprocessConfig]) -> PostprocessConfi
         [np.log(p.class_gain or (1.0,) * n) for p in posts], axis=0)) if n else ()
     return replace(posts[0], threshold=float(np.mean([p.threshold for p in posts])),
                    min_area_px=median("min_area_px"), peak_window_px=median("peak_window_px"),
-                   class_box_px=median("class_box_px"), class_gain=gain)
+                   class_box_px=median("class_box_px"),
+                   context_weight=median("context_weight"), class_gain=gain)
 
 
 __all__ = ["MEMBERS_DIR", "MAX_MEMBERS", "MIN_TIME_SHARE", "member_name", "another_member",

@@ -64,6 +64,11 @@ RECIPES = ("fast", "paper")
 DEFAULT_MODELS = {"fast": "unet", "paper": "s-drdin"}
 #: What ``qpcell train`` does when neither ``--epochs`` nor ``--time-budget`` is given (minutes).
 DEFAULT_BUDGET_MIN = 10.0
+#: The fast recipe offers each cell the classes of the cells within 10 µm
+#: (:func:`qpcell.postprocess.neighbour_context`); the final tuning chooses how much of them it
+#: takes, none included (:data:`qpcell.tuning.CONTEXT_WEIGHTS`; docs/RESULTS.md, "Neighbouring
+#: cells' classes").
+CONTEXT_RADIUS_UM = 10.0
 
 
 @dataclass(frozen=True)
@@ -113,9 +118,10 @@ def recipe(name: str, model_name: str | None = None) -> Recipe:
     elif model_name == "unet":
         kwargs = {"batch_norm": True, "class_weights": "cells"}
     # the fast maps leave smaller blobs than the paper's: start the area search at 10 px
-    post = replace(PostprocessConfig(), min_area_px=10.0)
+    post = replace(PostprocessConfig(), min_area_px=10.0,
+                   context_radius_px=CONTEXT_RADIUS_UM / PostprocessConfig().mpp)
     return Recipe("fast", train, mask, patch, kwargs, post)
 
 
-__all__ = ["RECIPES", "DEFAULT_MODELS", "DEFAULT_BUDGET_MIN", "Recipe", "default_model",
-           "recipe"]
+__all__ = ["RECIPES", "DEFAULT_MODELS", "DEFAULT_BUDGET_MIN", "CONTEXT_RADIUS_UM", "Recipe",
+           "default_model", "recipe"]

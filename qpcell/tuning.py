@@ -62,6 +62,27 @@ GAIN_WEIGHTED_F1_SLACK = 0.01
 #: reports (measured against the others in docs/RESULTS.md, "Class gains").
 GAIN_OBJECTIVES = ("class_aware", "weighted", "both")
 GAIN_OBJECTIVE = "both"
+#: Shares of the neighbouring cells' class probabilities tried for each cell
+#: (:attr:`PostprocessConfig.context_weight`, :func:`tune_context_weight`); 0 = a cell's own.
+CONTEXT_WEIGHTS = (0.0, 0.25, 0.5)
+
+
+def class_scores(dets: Sequence[Detections], truths: Sequence, classes: Sequence[CellClass],
+                 radius_px: float) -> tuple[float, float]:
+    """Mean class-aware F1 and weighted classification F1 of ``dets`` against ``truths``."""
+    from qpcell.metrics import score_dataset
+
+    report = score_dataset(list(zip(dets, truths, strict=True)), [c.name for c in classes],
+                           radius_px, regions=[t.regions for t in truths])
+    return (float(np.mean([c.total_f1 for c in report.class_aware])),
+            report.classification.weighted_f1)
+
+
+def gain_value(aware: float, weighted: float, objective: str = GAIN_OBJECTIVE) -> float:
+    """What the class gains maximise (:data:`GAIN_OBJECTIVES`) from the two class figures."""
+    if objective not in GAIN_OBJECTIVES:
+        raise ValueError(f"unknown class-gain objective {objective!r}")
+    return {"class_aware": aware, "weighted": weighted, "both": (aware + weighted) / 2}[objective]
 
 
 def tune_class_gain(dets: Sequence[Detections], truths: Sequence,
@@ -81,26 +102,17 @@ def tune_class_gain(dets: Sequence[Detections], truths: Sequence,
     -------
     gains : one factor per class (all 1.0 when nothing helps); weighted_f1 : with them
     """
-    from qpcell.metrics import score_dataset
     from qpcell.postprocess import relabel_with_gain
 
-    names = [c.name for c in classes]
-    regions = [t.regions for t in truths]
-
     def score(gain: tuple[float, ...]) -> tuple[float, float]:
-        relabelled = [relabel_with_gain(d, gain) for d in dets]
-        report = score_dataset(list(zip(relabelled, truths, strict=True)), names, radius_px,
-                               regions=regions)
-        aware = float(np.mean([c.total_f1 for c in report.class_aware]))
-        return aware, report.classification.weighted_f1
+        return class_scores([relabel_with_gain(d, gain) for d in dets], truths, classes,
+                            radius_px)
+
+    def value(aware: float, weighted: float) -> float:
+        return gain_value(aware, weighted, objective)
 
     if objective not in GAIN_OBJECTIVES:
         raise ValueError(f"unknown class-gain objective {objective!r}")
-
-    def value(aware: float, weighted: float) -> float:
-        return {"class_aware": aware, "weighted": weighted,
-                "both": (aware + weighted) / 2}[objective]
-
     gain = (1.0,) * len(classes)
     best_aware, best_weighted = score(gain)
     best = value(best_aware, best_weighted)
@@ -121,6 +133,36 @@ def tune_class_gain(dets: Sequence[Detections], truths: Sequence,
     return gain, best_weighted
 
 
+def tune_context_weight(dets_of: Callable[[float], Sequence[Detections]], truths: Sequence,
+                        classes: Sequence[CellClass], radius_px: float,
+                        weights: Sequence[float] = CONTEXT_WEIGHTS
+                        ) -> tuple[float, tuple[float, ...], float]:
+    """How much of their neighbours' classes the cells take (:attr:`PostprocessConfig.
+    context_weight`), with the class gains tuned for each weight (:func:`tune_class_gain`).
+
+    ``dets_of(weight)`` gives the validation cells with that weight and every gain 1. The
+    weight whose cells, with their gains, score best for the gains' objective wins; a tie goes
+    to the smaller weight, so where a class is the cell's own (a positive nucleus among
+    negative ones) rather than its tissue's, the cells keep their own probabilities.
+
+    Returns
+    -------
+    weight; gains : for it; weighted_f1 : with both
+    """
+    from qpcell.postprocess import relabel_with_gain
+
+    best = None
+    for w in sorted(weights):
+        dets = dets_of(w)
+        gain, weighted = tune_class_gain(dets, truths, classes, radius_px)
+        aware, _ = class_scores([relabel_with_gain(d, gain) for d in dets], truths, classes,
+                                radius_px)
+        key = gain_value(aware, weighted)
+        if best is None or key > best[0] + 1e-9:
+            best = (key, w, gain, weighted)
+    return best[1], best[2], best[3]
+
+
 def tune_postprocess(maps: Sequence[tuple[np.ndarray, np.ndarray | None]],
                      truths: Sequence, classes: Sequence[CellClass],
                      base: PostprocessConfig, radius_px: float, kind: str = "sdrdin",
@@ -132,7 +174,9 @@ def tune_postprocess(maps: Sequence[tuple[np.ndarray, np.ndarray | None]],
     threshold depends on the disc radius), the peak window (the paper's, smaller and larger)
     and the threshold again, for detection F1; then the class box (the paper's and smaller)
     for weighted classification F1, and the class gains (weighted and class-aware F1,
-    :func:`tune_class_gain`). For ``"peaks"``: the class-map threshold and peak distance.
+    :func:`tune_class_gain`), with the neighbours' share of each cell's classes
+    (:func:`tune_context_weight`) where ``base.context_radius_px`` offers one. For
+    ``"peaks"``: the class-map threshold and peak distance.
     ``quick`` searches only the threshold (the rounds during a run; the kept model gets the
     whole search).
 
@@ -187,7 +231,12 @@ def tune_postprocess(maps: Sequence[tuple[np.ndarray, np.ndarray | None]],
         (f1, cf1), box = max(((score({**best, "class_box_px": b}), b) for b in boxes),
                              key=lambda kb: (kb[0][1], kb[1]))
         best_key, best = (best_key[0], cf1), {**best, "class_box_px": box}
-        gain, cf1 = tune_class_gain(run(best), truths, classes, radius_px)
+        if base.context_radius_px > 0:
+            weight, gain, cf1 = tune_context_weight(
+                lambda w: run({**best, "context_weight": w}), truths, classes, radius_px)
+            best = {**best, "context_weight": weight}
+        else:
+            gain, cf1 = tune_class_gain(run(best), truths, classes, radius_px)
         if any(g != 1.0 for g in gain):
             best_key, best = (best_key[0], cf1), {**best, "class_gain": gain}
     return best, best_key[0], best_key[1]
@@ -236,5 +285,6 @@ def validate(model: torch.nn.Module, val_set: Sequence, classes, post, radius_px
 
 
 __all__ = ["THRESHOLDS", "CLASS_BOX_FRACTIONS", "PEAK_WINDOW_FRACTIONS", "GAINS",
-           "GAIN_OBJECTIVES", "GAIN_OBJECTIVE",
-           "image_maps", "tune_class_gain", "tune_postprocess", "edge_notes", "validate"]
+           "GAIN_OBJECTIVES", "GAIN_OBJECTIVE", "CONTEXT_WEIGHTS", "image_maps", "class_scores",
+           "gain_value", "tune_class_gain", "tune_context_weight", "tune_postprocess",
+           "edge_notes", "validate"]

@@ -441,14 +441,19 @@ def test_class_context_scores_each_setting_on_the_same_cells(endonuke, tmp_path,
     context, split = script_with_a_model("class_context", endonuke, tmp_path, monkeypatch)
     out = tmp_path / "context.json"
     result = context.main(["--models", str(tmp_path / "m"), "--settings", "0:0,10:0.5,400:1",
-                           "--max-test", "2", "--cache", str(tmp_path / "cache"),
-                           "--json", str(out)])
+                           "--tune-radius", "10", "--max-test", "2", "--cache",
+                           str(tmp_path / "cache"), "--json", str(out)])
     assert json.loads(out.read_text(encoding="utf-8")) == json.loads(json.dumps(result))
     rows = result["rows"]
-    assert [(r["radius_um"], r["weight"]) for r in rows] == [(0, 0), (10, 0.5), (400, 1)]
+    assert [(r["radius_um"], r["weight"]) for r in rows] == [(0, 0), (10, 0.5), (400, 1),
+                                                             (10, "tuned")]
     assert len({r["scores"]["detection_f1"] for r in rows}) == 1  # classes move, cells stay
-    assert list(result["summary"]) == ["0:0", "10:0.5", "400:1"]
+    assert list(result["summary"]) == ["0:0", "10:0.5", "400:1", "10:tuned"]
     assert result["summary"]["0:0"]["weighted_f1"]["diff"] == 0.0
+    from qpcell.tuning import CONTEXT_WEIGHTS
+
+    (chosen,) = result["summary"]["10:tuned"]["chosen_weights"]
+    assert chosen in CONTEXT_WEIGHTS and rows[-1]["chosen_weight"] == chosen
     # radius in µm at the image's pixel size: 2 µm reaches a cell 4 px away at 0.44 µm/px
     from qpcell.points import Detections
 

@@ -69,6 +69,38 @@ def test_gains_stay_one_when_the_classes_are_already_right():
     assert tune_class_gain(dets, truths, CLASSES, 3.0) == ((1.0, 1.0), 1.0)
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_cells_take_their_neighbours_classes_only_where_classes_come_in_groups(grouped):
+    from qpcell.postprocess import neighbour_context
+    from qpcell.tuning import tune_context_weight
+
+    rng = np.random.default_rng(1)
+    truths, cells = [], []
+    for i in range(3):
+        xy = rng.uniform(0, 300, (200, 2))
+        # tissue classes (left and right half) or a cell's own (random, like Ki67 status)
+        labels = (xy[:, 0] > 150).astype(np.int64) if grouped else rng.integers(0, 2, 200)
+        p1 = np.where(labels == 1, rng.uniform(0.3, 1.0, 200), rng.uniform(0.0, 0.7, 200))
+        truths.append(TrainImage(f"im{i}", np.zeros((300, 300, 3), np.uint8), xy, labels, None))
+        cells.append((xy, np.column_stack([1 - p1, p1])))
+
+    def dets_of(weight):
+        out = []
+        for xy, probs in cells:
+            mixed = neighbour_context(xy, probs, 30.0, weight)
+            out.append(Detections(xy, mixed.argmax(1), np.ones(len(xy), np.float32),
+                                  mixed.astype(np.float32), CLASSES))
+        return out
+
+    weight, gain, weighted = tune_context_weight(dets_of, truths, CLASSES, 3.0)
+    _, alone = tune_class_gain(dets_of(0.0), truths, CLASSES, 3.0)
+    if grouped:  # the neighbours outvote a cell's noise
+        assert weight == 0.5 and weighted > alone + 0.05
+    else:  # they only blur it
+        assert weight == 0.0 and weighted == alone
+    assert len(gain) == 2
+
+
 def test_windows_with_a_rare_cell_are_drawn_again():
     from qpcell.patches import rare_class_windows
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY_TRAIN
 
 from qpcell.io.geojson import read_geojson
+from qpcell.tuning import CONTEXT_WEIGHTS
 
 
 @pytest.fixture
@@ -108,9 +109,11 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     assert training["config"]["decoupled_weight_decay"] is True
     assert training["patch"]["sampling"] == "cells" and training["patch"]["size"] == 64
     assert config["model"]["batch_norm"] is True
+    assert config["postprocess"]["context_weight"] in CONTEXT_WEIGHTS  # tuned
+    assert config["postprocess"]["context_radius_px"] * 0.44 == pytest.approx(10.0)
     out = tmp_path / "paper"
     code, stdout, stderr = cli("train", project, "--out", out, "--base", "4", "--recipe",
-                               "paper", *TINY_TRAIN)
+                               "paper", "--class-context", "15", *TINY_TRAIN)
     assert code == 0, stderr
     assert "recipe paper, 1 epochs" in stdout
     config = json.loads((out / "config.json").read_text())
@@ -119,6 +122,9 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     assert config["training"]["patch"]["sampling"] == "grid"
     assert config["model"]["batch_norm"] is False
     assert config["mask"]["disc_radius_px"] == 2.0
+    # asked for, on top of the paper's settings
+    assert config["postprocess"]["context_weight"] in CONTEXT_WEIGHTS
+    assert config["postprocess"]["context_radius_px"] * 0.44 == pytest.approx(15.0)
 
 
 def test_progress_lines_reach_a_log_file():

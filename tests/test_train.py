@@ -414,12 +414,18 @@ def test_each_recipe_names_the_network_it_trains():
     fast, paper = recipe("fast").train, recipe("paper").train
     assert fast.decoupled_weight_decay and fast.weight_decay == 0.0
     assert not paper.decoupled_weight_decay and paper.weight_decay == 0.0
+    # neighbouring cells' classes within 10 µm are offered (the share is tuned) by the fast
+    # recipe only
+    post = recipe("fast").post
+    assert post.context_radius_px * post.mpp == pytest.approx(10) and post.context_weight == 0
+    assert recipe("paper").post.context_radius_px == 0.0
     with pytest.raises(QpcellError, match="unknown recipe 'quick'"):
         recipe("quick")
 
 
 def test_fast_recipe_loss_falls_and_model_finds_its_cells(tmp_path):
     from qpcell.recipe import default_model, recipe
+    from qpcell.tuning import CONTEXT_WEIGHTS
 
     torch.manual_seed(0)
     classes, data = tiny_data(8, 128)
@@ -438,6 +444,9 @@ def test_fast_recipe_loss_falls_and_model_finds_its_cells(tmp_path):
     last = np.mean([v for e, v in calls.losses if e == epochs])
     assert last < 0.6 * first
     bundle = load_model(result.model_dir, device="cpu")
+    # the saved model takes the share of its neighbours' classes that validation chose
+    assert bundle.postprocess.context_weight in CONTEXT_WEIGHTS
+    assert bundle.postprocess.context_radius_px == pytest.approx(10 / 0.44)
     found = [bundle.to_detections(*(m[0] for m in bundle.predict_maps(d.pixels[None])))
              for d in data[1:]]
     report = score_dataset(list(zip(found, data[1:], strict=True)), [c.name for c in classes],

@@ -293,6 +293,11 @@ def train_command(
     scale_jitter: float | None = typer.Option(None, min=0.0, help="Read each training window "
                                               "at a random scale between 1/(1+J) and 1+J "
                                               "(0: none, the default)."),
+    class_context: float | None = typer.Option(None, min=0.0, help="Let each cell's class "
+                                               "take a share of the class probabilities of the "
+                                               "cells within this many µm, the share (none "
+                                               "included) tuned on the validation images "
+                                               "(fast: 10; 0: off, the paper)."),
     rare_repeats: int | None = typer.Option(None, min=0, help="Grid sampling: draw windows "
                                             "holding a cell of a rare class (under 5% of the "
                                             "points) this many more times per epoch "
@@ -359,6 +364,10 @@ def train_command(
                                            scale_jitter=scale_jitter,
                                            rare_repeats=rare_repeats))
     mask_cfg = replace(rec.mask, **given(disc_radius_px=disc_radius))
+    post_cfg = rec.post
+    if class_context is not None:
+        post_cfg = replace(post_cfg, context_radius_px=class_context / post_cfg.mpp,
+                           context_weight=0.0)
     if stride is None and patch_cfg.stride > patch_cfg.size:  # a smaller --patch-size alone
         patch_cfg = replace(patch_cfg, stride=patch_cfg.size)
     if patch_cfg.size % 16 or patch_cfg.size < 32:
@@ -420,7 +429,7 @@ def train_command(
     results = run_training(
         classes, annotated, out, model, members=n_members,
         model_mpp=model_mpp_value, fallback_mpp=mpp, train_cfg=train_cfg, patch_cfg=patch_cfg,
-        post_cfg=rec.post,
+        post_cfg=post_cfg,
         match_radius_px=match_radius,
         val_names=val_images.split(",") if val_images else None,
         device=device, resume=resume, max_steps_per_epoch=max_steps, **kwargs)
