@@ -211,7 +211,7 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
                 f" from {init}" if init != "none" else "") + (
                 f" ({train_images} images)" if train_images is not None else ""),
             "dataset": split.name, "minutes": minutes, "seed": seed, "recipe": recipe_name,
-            "model": model, "model_spec": bundle.meta.get("model"), "init": init,
+            "model": model, "model_spec": network_spec(out), "init": init,
             "train_images": len(split.trainval),
             "model_mpp": work_mpp,
             "train_seconds": train_s, "predict_seconds": predict_s,
@@ -223,8 +223,23 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             "model_dir": str(out), "members": len(results),
             "member_steps": [int(sum(h.steps for h in r.history)) for r in results],
             "val_f1": result.val_f1, "source_mpp": info, "threshold": setting["threshold"],
-            "peak_window_px": setting["peak_window_px"], "notes": result.notes,
+            "peak_window_px": setting["peak_window_px"],
+            "views": getattr(bundle, "views", "none"),
+            "context_radius_px": setting.get("context_radius_px", 0.0),
+            "context_weight": setting.get("context_weight", 0.0), "notes": result.notes,
             "overrides": list(overrides), "scores": scores, **extra}
+
+
+def network_spec(model_dir: Path) -> dict | None:
+    """The network of the model in ``model_dir`` (``config.json``'s ``model``); for an
+    ensemble, its first member's (the members share it)."""
+    from qpcell.checkpoint import read_config
+    from qpcell.ensemble import MEMBERS_DIR, member_name
+
+    config = read_config(model_dir)
+    if config.get("model") is None and config.get("members"):
+        config = read_config(model_dir / MEMBERS_DIR / member_name(1))
+    return config.get("model")
 
 
 def predict_images(bundle, images: Sequence, source_mpp: float | None) -> list:
@@ -310,14 +325,20 @@ def score_ensembles(args: argparse.Namespace, root: Path) -> dict:
     return result
 
 
-def curve(run: dict) -> tuple[str, str, str, str | None]:
+def curve(run: dict) -> tuple[str, str, str, str, str | None]:
     """The line of the figure a run belongs to: its dataset, network (with its loss weighting
-    where it has one), starting model and precision (None in records that predate it), so that
-    seeds are averaged only with seeds of the same setting and arithmetic."""
+    where it has one), starting model, how it predicts (its test-time views and whether it was
+    offered its neighbours' classes; "" for one view and none, and in records that predate
+    them) and precision (None in records that predate it), so that seeds are averaged only with
+    seeds of the same setting and arithmetic."""
     model = run.get("model", "s-drdin")
     weights = (run.get("model_spec") or {}).get("class_weights")
+    views = run.get("views") or "none"
+    how = " + ".join(part for part in (None if views == "none" else views,
+                                       "neighbours" if run.get("context_radius_px") else None)
+                     if part)
     return (run["dataset"], model if weights is None else f"{model} ({weights} weights)",
-            run.get("init") or "none", run.get("precision"))
+            run.get("init") or "none", how, run.get("precision"))
 
 
 def plot(runs: Sequence[dict], path: Path) -> None:
@@ -331,17 +352,18 @@ def plot(runs: Sequence[dict], path: Path) -> None:
 
     keys = (("detection_f1", "detection F1"), ("weighted_f1", "weighted class F1"),
             ("mean_class_aware_f1", "mean class-aware F1"))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 5))
 
     lines = dict.fromkeys(curve(r) for r in runs)
     for ax, (key, title) in zip(axes, keys, strict=True):
         for line in lines:
-            ds, model, init, precision = line
+            ds, model, init, how, precision = line
             mine = [r for r in runs if curve(r) == line]
             mins = sorted({r["minutes"] for r in mine})
             vals = [[r["scores"][key] for r in mine if r["minutes"] == m] for m in mins]
             label = (f"{ds} {model}" + ("" if init == "none" else f" from {Path(init).name}")
-                     + ("" if precision is None else f", {precision}"))
+                     + ("" if precision is None else f", {precision}")
+                     + (f", {how}" if how else ""))
             ax.errorbar(mins, [np.mean(v) for v in vals],
                         yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
                         marker="o", capsize=3,
@@ -352,8 +374,9 @@ def plot(runs: Sequence[dict], path: Path) -> None:
         ax.set_xlabel("training budget (minutes)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.03 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -327,6 +327,8 @@ def test_time_to_accuracy_smoke_at_two_scales(endonuke, tmp_path, monkeypatch):
         assert run["steps_per_second"] == pytest.approx(run["steps"] / run["train_seconds"])
         assert run["model"] == run["model_spec"]["name"] == default_model("fast")  # as train
         assert run["precision"] == result["machine"]["precision"]
+        assert run["views"] == "flips" and run["context_radius_px"] > 0  # as the fast recipe
+        assert tta.curve(run)[3] == "flips + neighbours"
     # the 2x copy is twice as fine: its estimated pixel size is about half
     ratio = runs["endonuke-x2"]["source_mpp"]["value"] / runs["endonuke"]["source_mpp"]["value"]
     assert ratio == pytest.approx(0.5, rel=0.15)
@@ -381,6 +383,26 @@ def test_time_to_accuracy_scores_every_round_and_what_each_rule_keeps(endonuke, 
     assert picks["best test weighted_f1"]["test"]["weighted_f1"] == best
 
 
+def test_time_to_accuracy_names_the_network_of_an_ensemble(tmp_path):
+    from qpcell.checkpoint import classes_to_meta, save_model
+    from qpcell.config import PostprocessConfig, to_dict
+    from qpcell.models import create_model
+    from qpcell.points import make_classes
+    from qpcell.train_ensemble import write_ensemble
+
+    tta = load_script("time_to_accuracy")
+    classes = classes_to_meta(make_classes(["a", "b"]))
+    members = [save_model(tmp_path / "ens" / "members" / f"member-{k}",
+                          create_model("unet", 2, base=4, class_weights="cells"),
+                          {"classes": classes, "mpp": 0.5, "postprocess_kind": "sdrdin",
+                           "mask": {}, "postprocess": to_dict(PostprocessConfig(mpp=0.5))})
+               for k in (1, 2)]
+    write_ensemble(tmp_path / "ens", members)
+    spec = tta.network_spec(tmp_path / "ens")  # the ensemble's config names no network
+    assert spec == tta.network_spec(members[0])
+    assert spec["name"] == "unet" and spec["class_weights"] == "cells"
+
+
 def test_time_to_accuracy_figure_keeps_precisions_apart(tmp_path):
     tta = load_script("time_to_accuracy")
     scores = {"detection_f1": 0.9, "weighted_f1": 0.9, "mean_class_aware_f1": 0.5}
@@ -399,6 +421,10 @@ def test_time_to_accuracy_figure_keeps_precisions_apart(tmp_path):
     assert [c[-1] for c in curves] == ["fp32", "fp32", "bf16", "bf16", None]
     assert len(set(curves)) == 3 and len({c[:-1] for c in curves}) == 1
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # runs that predict another way (test-time views, neighbours' classes) get lines of their own
+    flips = {**run, "views": "flips", "precision": "bf16"}
+    both = {**flips, "context_radius_px": 22.7}
+    assert [tta.curve(r)[3] for r in (run, flips, both)] == ["", "flips", "flips + neighbours"]
 
 
 def script_with_a_model(name: str, endonuke: Path, tmp_path: Path, monkeypatch):

@@ -39,6 +39,8 @@ def test_settings_for_the_averaged_maps_come_from_every_member():
     two = combined_postprocess(posts[:2])  # an even count: the lower median, a member's value
     assert (two.peak_window_px, two.class_box_px, two.min_area_px) == (7, 25, 0.0)
     assert combined_postprocess(posts[2:]) == posts[2]
+    shares = [replace(p, context_weight=w) for p, w in zip(posts, (0.0, 0.5, 0.25), strict=True)]
+    assert combined_postprocess(shares).context_weight == 0.25  # the neighbours' share: median
     with pytest.raises(ValueError):
         combined_postprocess([])
 
