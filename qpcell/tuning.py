@@ -102,20 +102,25 @@ def tune_class_gain(dets: Sequence[Detections], truths: Sequence,
     -------
     gains : one factor per class (all 1.0 when nothing helps); weighted_f1 : with them
     """
+    gain, _, weighted = _gain_ascent(dets, truths, classes, radius_px, rounds, objective, gains)
+    return gain, weighted
+
+
+def _gain_ascent(dets: Sequence[Detections], truths: Sequence, classes: Sequence[CellClass],
+                 radius_px: float, rounds: int = 1, objective: str = GAIN_OBJECTIVE,
+                 gains: Sequence[float] = GAINS) -> tuple[tuple[float, ...], float, float]:
+    """:func:`tune_class_gain`'s search; also returns the objective's value with the gains."""
     from qpcell.postprocess import relabel_with_gain
 
     def score(gain: tuple[float, ...]) -> tuple[float, float]:
         return class_scores([relabel_with_gain(d, gain) for d in dets], truths, classes,
                             radius_px)
 
-    def value(aware: float, weighted: float) -> float:
-        return gain_value(aware, weighted, objective)
-
     if objective not in GAIN_OBJECTIVES:
         raise ValueError(f"unknown class-gain objective {objective!r}")
     gain = (1.0,) * len(classes)
     best_aware, best_weighted = score(gain)
-    best = value(best_aware, best_weighted)
+    best = gain_value(best_aware, best_weighted, objective)
     floor = best_weighted - GAIN_WEIGHTED_F1_SLACK if objective == "class_aware" else -1.0
     for _ in range(rounds):
         changed = False
@@ -125,12 +130,12 @@ def tune_class_gain(dets: Sequence[Detections], truths: Sequence,
                 if trial == gain:
                     continue
                 aware, weighted = score(trial)
-                if weighted >= floor and value(aware, weighted) > best + 1e-9:
+                if weighted >= floor and gain_value(aware, weighted, objective) > best + 1e-9:
                     gain, best_weighted, changed = trial, weighted, True
-                    best = value(aware, weighted)
+                    best = gain_value(aware, weighted, objective)
         if not changed:
             break
-    return gain, best_weighted
+    return gain, best, best_weighted
 
 
 def tune_context_weight(dets_of: Callable[[float], Sequence[Detections]], truths: Sequence,
@@ -149,15 +154,9 @@ def tune_context_weight(dets_of: Callable[[float], Sequence[Detections]], truths
     -------
     weight; gains : for it; weighted_f1 : with both
     """
-    from qpcell.postprocess import relabel_with_gain
-
     best = None
     for w in sorted(weights):
-        dets = dets_of(w)
-        gain, weighted = tune_class_gain(dets, truths, classes, radius_px)
-        aware, _ = class_scores([relabel_with_gain(d, gain) for d in dets], truths, classes,
-                                radius_px)
-        key = gain_value(aware, weighted)
+        gain, key, weighted = _gain_ascent(dets_of(w), truths, classes, radius_px)
         if best is None or key > best[0] + 1e-9:
             best = (key, w, gain, weighted)
     return best[1], best[2], best[3]
