@@ -226,7 +226,8 @@ def run_one(split: Split, minutes: float, seed: int, recipe_name: str, workdir: 
             "peak_window_px": setting["peak_window_px"],
             "views": getattr(bundle, "views", "none"),
             "context_radius_px": setting.get("context_radius_px", 0.0),
-            "context_weight": setting.get("context_weight", 0.0), "notes": result.notes,
+            "context_weight": setting.get("context_weight", 0.0),
+            "cell_classifier": cell_classifiers(out), "notes": result.notes,
             "overrides": list(overrides), "scores": scores, **extra}
 
 
@@ -240,6 +241,17 @@ def network_spec(model_dir: Path) -> dict | None:
     if config.get("model") is None and config.get("members"):
         config = read_config(model_dir / MEMBERS_DIR / member_name(1))
     return config.get("model")
+
+
+def cell_classifiers(model_dir: Path) -> list[dict | None]:
+    """What each member's cell classifier did (``config.json``, ``training.cell_classifier``:
+    share, steps, seconds; None where a member trained none)."""
+    from qpcell.checkpoint import read_config
+
+    config = read_config(model_dir)
+    folders = [model_dir / m for m in config["members"]] if config.get("members") else [
+        model_dir]
+    return [read_config(f).get("training", {}).get("cell_classifier") for f in folders]
 
 
 def predict_images(bundle, images: Sequence, source_mpp: float | None) -> list:

@@ -156,13 +156,15 @@ class ModelBundle:
 
     @property
     def name(self) -> str:
+        from qpcell.models.cell_classifier import display_name
+
         if self.meta.get("kind") == "pipeline":
             return "separate (" + " + ".join(
-                m.spec()["name"] for m in self.models.values()) + ")"
+                display_name(m.spec()) for m in self.models.values()) + ")"
         if self.meta.get("kind") == "ensemble":
-            first = next(iter(self.models.values())).spec()["name"]
+            first = display_name(next(iter(self.models.values())).spec())
             return f"ensemble of {len(self.models)} {first}"
-        return self.meta["model"]["name"]
+        return display_name(self.meta["model"])
 
     @property
     def members(self) -> list[torch.nn.Module]:

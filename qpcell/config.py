@@ -150,6 +150,14 @@ class TrainConfig:
     # post-processing settings are tuned on and the model predicts with; S-DRDIN 2.5 predicts
     # each tile once ("none"). The rounds' validations, which pick the kept round, see one view.
     views: str = "none"
+    # Not in the papers: this share of a time budget trains a cell classifier on crops around
+    # the training cells after the network (qpcell.models.cell_classifier), for at most
+    # cells_passes draws of every training cell (without a budget: that many, at least
+    # cells_min_steps steps); its class map is mixed into the network's with a share tuned on
+    # the validation images. 0 = none, as in the papers
+    cells_share: float = 0.0
+    cells_passes: float = 12.0
+    cells_min_steps: int = 50
 
 
 #: The rules for TrainConfig.select_on.

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from qpcell.checkpoint import WEIGHTS, read_config
 from qpcell.ensemble import MEMBERS_DIR, member_name
 from qpcell.errors import QpcellError
+from qpcell.models.cell_classifier import base_spec, base_state
 from qpcell.points import CellClass
 
 BUILTIN = "builtin"
@@ -96,6 +97,8 @@ def transfer_weights(model: torch.nn.Module, folder: Path, classes: tuple[CellCl
         state = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as err:
         raise QpcellError(f"corrupt starting model weights ({err})", folder / WEIGHTS) from None
+    spec = config.get("model", {})
+    state, config = base_state(spec, state), {**config, "model": base_spec(spec)}
     own = model.state_dict()
     same_classes = [c["name"] for c in config["classes"]] == [c.name for c in classes]
     skip = () if same_classes else tuple(getattr(model, "class_layers", ()))

@@ -76,6 +76,10 @@ DEFAULT_BUDGET_MIN = 10.0
 #: takes, none included (:data:`qpcell.tuning.CONTEXT_WEIGHTS`; docs/RESULTS.md, "Neighbouring
 #: cells' classes").
 CONTEXT_RADIUS_UM = 10.0
+#: The fast recipe's share of a time budget for the cell classifier
+#: (:mod:`qpcell.models.cell_classifier`), trained after the network (docs/RESULTS.md, "A cell
+#: classifier beside the network").
+CELLS_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def recipe(name: str, model_name: str | None = None) -> Recipe:
     # budgets (docs/RESULTS.md, "Brakes on over-fitting"), so the default stays none
     train = replace(TrainConfig(), batch_size=8, lr=2e-3, lr_schedule="cosine", warmup=0.05,
                     select_on="combined", refit_share=0.3, max_passes=150.0, min_steps=1000,
-                    decoupled_weight_decay=True, views="flips")
+                    decoupled_weight_decay=True, views="flips", cells_share=CELLS_SHARE)
     mask = replace(MaskConfig(), disc_radius_px=4.0)
     patch = replace(PatchConfig(), size=128, sampling="cells", background_fraction=0.1,
                     class_balance=0.5, rotate90=True, colour_jitter=0.0)
@@ -130,5 +134,6 @@ def recipe(name: str, model_name: str | None = None) -> Recipe:
     return Recipe("fast", train, mask, patch, kwargs, post)
 
 
-__all__ = ["RECIPES", "DEFAULT_MODELS", "DEFAULT_BUDGET_MIN", "CONTEXT_RADIUS_UM", "Recipe",
+__all__ = ["RECIPES", "DEFAULT_MODELS", "DEFAULT_BUDGET_MIN", "CONTEXT_RADIUS_UM", "CELLS_SHARE",
+           "Recipe",
            "default_model", "recipe"]

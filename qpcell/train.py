@@ -10,8 +10,10 @@
 4. After each round the real post-processing runs on the validation images, its settings
    are tuned (:mod:`qpcell.tuning`) and the best round's model is kept (validation detection
    F1, ties: weighted classification F1; or ``select_on="combined"``).
-5. :func:`finish_run` tunes every post-processing setting for the kept model and writes the
-   model folder.
+5. With ``TrainConfig.cells_share`` > 0, :func:`train_cells` trains a cell classifier on crops
+   around the training cells (:mod:`qpcell.train_cells`) in that share of a time budget.
+6. :func:`finish_run` tunes every post-processing setting for the kept model (and the cell
+   classifier's share of the class maps) and writes the model folder.
 
 With few images (:func:`refits`) the last share of the run trains on every image, the
 validation images too: their settings are chosen (fully tuned) just before, and the last
@@ -52,11 +54,21 @@ from qpcell.distributed import barrier, broadcast, default_loader_settings, setu
 from qpcell.ema import make_ema
 from qpcell.errors import Interrupted, QpcellError
 from qpcell.io.atomic import atomic_open
+from qpcell.models.cell_classifier import CellClassifier, WithCellClassifier, crop_px_for
 from qpcell.points import AnnotatedImage, CellClass
 from qpcell.pretrained import Transfer, resolve_init, transfer_weights
 from qpcell.schedule import LR_SCHEDULES, Budget, final_validation_factor, lr_at, step_cap
+from qpcell.train_cells import CellTraining, classifier_steps, fit_cell_classifier
 from qpcell.train_guard import check_resume_state
-from qpcell.tuning import edge_notes, image_maps, tune_class_gain, tune_postprocess, validate
+from qpcell.tuning import (
+    edge_notes,
+    image_maps,
+    tune_cell_share,
+    tune_class_gain,
+    tune_postprocess,
+    validate,
+    validation_maps,
+)
 from qpcell.views import DEFAULT_VIEWS, VIEWS
 
 RESUME = "resume.pt"
@@ -282,6 +294,9 @@ def prepare_data(images: Sequence[AnnotatedImage], *, model_mpp: float | None,
 
 
 EPOCHS_DIR = "epochs"
+#: The cell classifier's share of the class maps where no validation image is left to tune it
+#: on (after a refit on every image): half, as the share most often chosen on EndoNuke.
+CELLS_UNTUNED_SHARE = 0.5
 
 
 def selection_key(f1: float, class_f1: float, select_on: str = "detection",
@@ -841,14 +856,67 @@ def _kept(model: torch.nn.Module) -> torch.nn.Module:
     return model.export() if hasattr(model, "export") else model
 
 
+def uses_cells(run: Run, classes, train_cfg: TrainConfig) -> bool:
+    """Whether this run trains a cell classifier (stage 5): asked for, a model that classifies
+    into at least two classes, and one process (not under torchrun)."""
+    if not 0.0 <= train_cfg.cells_share < 1.0:
+        raise QpcellError(f"the cell classifier's share of the budget must be a fraction in "
+                          f"[0, 1), got {train_cfg.cells_share}")
+    return (train_cfg.cells_share > 0 and run.classifies and len(classes) >= 2
+            and not run.ctx.distributed)
+
+
+def train_cells(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: TrainConfig,
+                callbacks: TrainCallbacks) -> tuple[CellClassifier, CellTraining]:
+    """Stage 5: a cell classifier on crops around the cells the network trained on (every
+    image after a refit), for ``cells_share`` of the time budget or ``cells_passes`` draws of
+    each cell, whichever ends first (:func:`qpcell.train_cells.fit_cell_classifier`)."""
+    images = prep.data if run.refit is not None else prep.train_set
+    cells = [(d.pixels, d.xy, d.labels) for d in images]
+    n_cells = sum(len(xy) for _, xy, _ in cells)
+    steps = classifier_steps(n_cells, train_cfg.cells_passes, train_cfg.cells_min_steps)
+    seconds = (None if train_cfg.time_budget_s is None
+               else train_cfg.time_budget_s * train_cfg.cells_share)
+    model = CellClassifier(len(classes), crop_px=crop_px_for(prep.model_mpp))
+    callbacks.on_note(f"training a cell classifier on the {n_cells} cells of {len(images)} "
+                      f"images: {steps} steps" + ("" if seconds is None else
+                                                  f" or {seconds:.0f} s, whichever ends first"))
+    result = fit_cell_classifier(model, cells, steps=steps, seconds=seconds, device=run.device,
+                                 amp=run.amp, layout=run.layout, seed=train_cfg.seed)
+    with open(out / LOG, "a", encoding="utf-8") as log:
+        log.write(f"cell classifier steps {result.steps} loss {result.first_loss:.5f} -> "
+                  f"{result.last_loss:.5f} seconds {result.seconds:.1f}\n")
+    return model, result
+
+
+def with_cells(run: Run, prep: PreparedData, classes, model: torch.nn.Module,
+               cells: CellClassifier, views: str, select_on: str, retune: bool
+               ) -> tuple[float, dict | None, float, float]:
+    """The cell classifier's share of the class maps and the settings tuned with it
+    (:func:`qpcell.tuning.tune_cell_share` on the validation images), or, without validation
+    images of its own (after a refit, or ``retune`` False), :data:`CELLS_UNTUNED_SHARE` and no
+    new settings."""
+    if not retune or run.refit is not None or not prep.val_set:
+        return CELLS_UNTUNED_SHARE, None, math.nan, math.nan
+    net_maps = validation_maps(model, prep.val_set, run.device, views)
+    only_cells = WithCellClassifier.wrap(model, cells, 1.0)
+    cell_maps = [c for _, c in validation_maps(only_cells, prep.val_set, run.device, views)]
+    return tune_cell_share(net_maps, cell_maps, prep.val_set, classes, run.post, run.match_r,
+                           lambda f1, cf1: selection_key(f1, cf1, select_on, run.classifies),
+                           run.kind)
+
+
 def finish_run(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: TrainConfig,
                mask_cfg: MaskConfig, patch_cfg: PatchConfig, extra_meta: dict | None,
-               callbacks: TrainCallbacks, retune: bool = True) -> None:
-    """Stage 5: tune every post-processing setting for the kept weights and write the model.
+               callbacks: TrainCallbacks, retune: bool = True,
+               cells: tuple[CellClassifier, CellTraining] | None = None) -> None:
+    """Stage 6: tune every post-processing setting for the kept weights and write the model.
 
     Rounds of a time budget tuned the threshold only, and every round saw one view: the whole
     search runs now, on the maps of ``train_cfg.views`` (unless ``retune`` is False, as after
-    Ctrl-C, when the round's settings and views are kept as they are)."""
+    Ctrl-C, when the round's settings and views are kept as they are). With a cell classifier
+    (stage 5) the search runs for each share of its class map (:func:`with_cells`); a share
+    above 0 is saved as a :class:`~qpcell.models.cell_classifier.WithCellClassifier`."""
     if run.best_state is None:
         raise QpcellError("training ended before any round was validated")
     run.model.load_state_dict(run.best_state)
@@ -856,18 +924,36 @@ def finish_run(run: Run, prep: PreparedData, classes, out: Path, *, train_cfg: T
     setting, f1, cf1 = best["setting"], best["f1"], best["class_f1"]
     views = best.get("views", DEFAULT_VIEWS)
     refitted = best.get("refit_after_round") is not None  # its settings are chosen already
-    if retune and not refitted and (train_cfg.time_budget_s is not None
-                                    or views != train_cfg.views):
+    model = _kept(run.model)
+    cells_meta = None
+    if cells is not None:
+        views = views if refitted or not retune else train_cfg.views
+        share, tuned, t_f1, t_cf1 = with_cells(run, prep, classes, model, cells[0], views,
+                                               train_cfg.select_on, retune and not refitted)
+        if tuned is not None:
+            setting, f1, cf1 = tuned, t_f1, t_cf1
+            run.best.update(setting=setting, f1=f1, class_f1=cf1, views=views)
+        cells_meta = {"share": share, "tuned": tuned is not None, "steps": cells[1].steps,
+                      "seconds": round(cells[1].seconds, 1),
+                      "first_loss": cells[1].first_loss, "last_loss": cells[1].last_loss}
+        callbacks.on_note(f"the cell classifier's share of the class maps: {share:g}"
+                          + ("" if tuned is not None else " (not tuned: no validation images "
+                             "of its own)"))
+        if share > 0:
+            model = WithCellClassifier.wrap(model, cells[0], share)
+    elif retune and not refitted and (train_cfg.time_budget_s is not None
+                                      or views != train_cfg.views):
         views = train_cfg.views
         setting, f1, cf1 = validate(run.model, prep.val_set, classes, run.post, run.match_r,
                                     run.kind, run.device, views=views)
         run.best.update(setting=setting, f1=f1, class_f1=cf1, views=views)
     for note in edge_notes(setting, run.post, [c.name for c in classes]):
         callbacks.on_note(note)
-    save_model(out, _kept(run.model),
-               model_meta(run, prep, classes, setting, int(best["epoch"]), f1, cf1,
-                          train_cfg=train_cfg, mask_cfg=mask_cfg, patch_cfg=patch_cfg,
-                          extra_meta=extra_meta, views=views))
+    meta = model_meta(run, prep, classes, setting, int(best["epoch"]), f1, cf1,
+                      train_cfg=train_cfg, mask_cfg=mask_cfg, patch_cfg=patch_cfg,
+                      extra_meta=extra_meta, views=views)
+    meta["training"]["cell_classifier"] = cells_meta
+    save_model(out, model, meta)
 
 
 def train(
@@ -956,12 +1042,28 @@ def train(
     if run.init is not None and not resume:
         callbacks.on_note(run.init.note(prep.model_mpp))
     extra = (extra_maps, extra_key)  # every image's maps: a refit trains on them all
-    train_rounds(run, prep, classes, out, train_cfg=train_cfg, patch_cfg=patch_cfg,
+    with_classifier = uses_cells(run, classes, train_cfg)
+    rounds_cfg = train_cfg  # the network's share of a time budget
+    if with_classifier and train_cfg.time_budget_s is not None:
+        rounds_cfg = replace(train_cfg,
+                             time_budget_s=train_cfg.time_budget_s * (1 - train_cfg.cells_share))
+    train_rounds(run, prep, classes, out, train_cfg=rounds_cfg, patch_cfg=patch_cfg,
                  mask_cfg=mask_cfg, callbacks=callbacks, max_steps_per_epoch=max_steps_per_epoch,
                  extra=extra, extra_meta=extra_meta)
     if run.ctx.is_main:
+        cells = None
+        if with_classifier:
+            try:
+                cells = train_cells(run, prep, classes, out, train_cfg=train_cfg,
+                                    callbacks=callbacks)
+            except KeyboardInterrupt:  # the network is trained: keep it without the classifier
+                finish_run(run, prep, classes, out, train_cfg=train_cfg, mask_cfg=mask_cfg,
+                           patch_cfg=patch_cfg, extra_meta=extra_meta, callbacks=callbacks)
+                raise TrainingInterrupted("interrupted while training the cell classifier; "
+                                          "the network is kept without it", out) from None
         finish_run(run, prep, classes, out, train_cfg=train_cfg, mask_cfg=mask_cfg,
-                   patch_cfg=patch_cfg, extra_meta=extra_meta, callbacks=callbacks)
+                   patch_cfg=patch_cfg, extra_meta=extra_meta, callbacks=callbacks,
+                   cells=cells)
     barrier(run.ctx)  # the model folder is complete before any rank returns
     return TrainResult(out, run.history, int(run.best["epoch"]), float(run.best["f1"]),
                        float(run.best["class_f1"]), prep.split[0], prep.split[1],
@@ -971,7 +1073,8 @@ def train(
 
 __all__ = ["TrainImage", "EpochSummary", "TrainResult", "TrainCallbacks", "TrainingInterrupted",
            "PreparedData", "Run", "load_train_image", "split_names", "estimate_source_mpp",
-           "prepare_data", "build_run", "train_rounds", "finish_run", "train", "epoch_lr",
+           "prepare_data", "build_run", "train_rounds", "train_cells", "finish_run", "train",
+           "epoch_lr", "uses_cells", "with_cells", "CELLS_UNTUNED_SHARE",
            "refits", "refit_epoch",
            "SELECT_ON", "selection_key", "pick_epoch", "epoch_dir",
            # validation lives in qpcell.tuning; these names stay importable from here

@@ -65,6 +65,8 @@ GAIN_OBJECTIVE = "both"
 #: Shares of the neighbouring cells' class probabilities tried for each cell
 #: (:attr:`PostprocessConfig.context_weight`, :func:`tune_context_weight`); 0 = a cell's own.
 CONTEXT_WEIGHTS = (0.0, 0.25, 0.5)
+#: Shares of the cell classifier's class map tried (:func:`tune_cell_share`); 0 = the network's.
+CELL_SHARES = (0.0, 0.5, 1.0)
 
 
 def class_scores(dets: Sequence[Detections], truths: Sequence, classes: Sequence[CellClass],
@@ -274,16 +276,47 @@ def validate(model: torch.nn.Module, val_set: Sequence, classes, post, radius_px
     """Tuned post-processing settings and validation scores of ``model`` on ``val_set``
     (objects with ``pixels``, ``xy``, ``labels`` and ``regions`` at the model's scale), on
     the maps averaged over the test-time ``views`` (:mod:`qpcell.views`)."""
+    maps = validation_maps(model, val_set, device, views)
+    return tune_postprocess(maps, val_set, classes, post, radius_px, kind, quick)
+
+
+def validation_maps(model: torch.nn.Module, val_set: Sequence, device: torch.device,
+                    views: str = DEFAULT_VIEWS) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``model``'s maps of every image of ``val_set`` (objects with ``pixels``), averaged over
+    the test-time ``views``."""
     model.eval()
 
     def predict_maps(tiles: np.ndarray):
         return view_mean(partial(model_maps, model, device=device), tiles, views)
 
-    maps = [image_maps(predict_maps, d.pixels) for d in val_set]
-    return tune_postprocess(maps, val_set, classes, post, radius_px, kind, quick)
+    return [image_maps(predict_maps, d.pixels) for d in val_set]
+
+
+def tune_cell_share(net_maps: Sequence[tuple[np.ndarray, np.ndarray]],
+                    cell_maps: Sequence[np.ndarray], truths: Sequence,
+                    classes: Sequence[CellClass], base: PostprocessConfig, radius_px: float,
+                    key: Callable[[float, float], tuple], kind: str = "sdrdin",
+                    shares: Sequence[float] | None = None) -> tuple[float, dict, float, float]:
+    """The cell classifier's share of the class maps (:mod:`qpcell.models.cell_classifier`):
+    for each of ``shares``, the class maps ``(1 - share) net + share cells`` get the whole
+    post-processing search (:func:`tune_postprocess`); the share whose scores rank highest by
+    ``key(detection F1, weighted class F1)`` is kept, the smaller on a tie.
+
+    Returns
+    -------
+    share, settings, detection F1, weighted class F1
+    """
+    best = None
+    for share in sorted(CELL_SHARES if shares is None else shares):
+        maps = [(det, (1.0 - share) * cls + share * cells)
+                for (det, cls), cells in zip(net_maps, cell_maps, strict=True)]
+        setting, f1, cf1 = tune_postprocess(maps, truths, classes, base, radius_px, kind)
+        if best is None or key(f1, cf1) > key(best[2], best[3]):
+            best = (float(share), setting, f1, cf1)
+    return best
 
 
 __all__ = ["THRESHOLDS", "CLASS_BOX_FRACTIONS", "PEAK_WINDOW_FRACTIONS", "GAINS",
            "GAIN_OBJECTIVES", "GAIN_OBJECTIVE", "CONTEXT_WEIGHTS", "image_maps", "class_scores",
            "gain_value", "tune_class_gain", "tune_context_weight", "tune_postprocess",
-           "edge_notes", "validate"]
+           "edge_notes", "validate", "validation_maps", "tune_cell_share", "CELL_SHARES"]

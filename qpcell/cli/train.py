@@ -173,6 +173,7 @@ def implied_model(recipe_name: str, init: Path | None, resumed: Path | None) -> 
     (:data:`qpcell.recipe.DEFAULT_MODELS`).
     """
     from qpcell.checkpoint import CONFIG, read_config
+    from qpcell.models.cell_classifier import base_spec
 
     if resumed is not None and (resumed / "detection").is_dir():
         return SEPARATE
@@ -180,7 +181,7 @@ def implied_model(recipe_name: str, init: Path | None, resumed: Path | None) -> 
         resumed = resumed / MEMBERS_DIR / member_name(1)  # an ensemble: its first member's
     for folder in (resumed, init):
         if folder is not None and (folder / CONFIG).exists():
-            name = read_config(folder).get("model", {}).get("name")
+            name = base_spec(read_config(folder).get("model", {})).get("name")
             if isinstance(name, str):
                 return name
     return default_model(recipe_name)

@@ -18,6 +18,8 @@ from torch import nn
 
 from qpcell.errors import QpcellError
 from qpcell.models.blocks import count_parameters, glorot_init, gmacs
+from qpcell.models.cell_classifier import NAME as WITH_CELLS
+from qpcell.models.cell_classifier import WithCellClassifier
 from qpcell.models.mtl_ihc import MTLIHC
 from qpcell.models.sdrdin import SDRDIN, VARIANTS
 from qpcell.models.unet import UNet
@@ -49,8 +51,8 @@ def create_model(name: str, n_classes: int, **kwargs) -> nn.Module:
     >>> create_model(**m.spec()).spec() == m.spec()
     True
     """
-    try:
-        builder = MODELS[name]
+    try:  # a trained network with its cell classifier is built by name, never trained as one
+        builder = WithCellClassifier if name == WITH_CELLS else MODELS[name]
     except KeyError:
         raise QpcellError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
     try:

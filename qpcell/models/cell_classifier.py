@@ -1,0 +1,160 @@
+"""A second opinion on each cell's class: a small CNN that looks at the tissue around the cell.
+
+Not in the papers. The multi-task network classifies every pixel of a nucleus from features
+shaped for detection too; this classifier is trained on one thing only, the class of an
+annotated cell, from a square crop of ``crop_px`` pixels centred on it (21 µm at 0.44 µm/px:
+the nucleus and its neighbours), with every cell drawn by the inverse square root of its class's
+count. Its features are pooled over the whole crop, so it decides from the cell's surroundings
+as much as from its nucleus (epithelium against stroma).
+
+At prediction it runs densely (:meth:`CellClassifier.dense_logits`): the trunk once over the
+tile, an average over every ``crop_px`` window of its stride-8 features, the 1x1 head, and a
+bilinear upsampling, so each pixel gets what the crop centred on it would give (up to the
+crop's border padding and half a pixel). :class:`WithCellClassifier` wraps a trained network
+and mixes that class map into the network's own, ``(1 - share) p_net + share p_cells``; the
+detection map is the network's. So every path that turns maps into cells (tiles, test-time
+views, ensembles, the device post-processing) uses it unchanged.
+
+docs/RESULTS.md, "A cell classifier beside the network", measures it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qpcell.errors import QpcellError
+from qpcell.models.blocks import DoubleConv
+
+STRIDE = 8  # three 2x2 poolings
+#: The crop side at the model's scale: 48 px x 0.44 µm/px = 21 µm, about two nuclei around one.
+CROP_UM = 21.0
+WIDTHS = (16, 32, 64, 128)
+DROPOUT = 0.3  # on the pooled features, in training
+NAME = "with-cell-classifier"
+
+
+def crop_px_for(mpp: float | None) -> int:
+    """The crop side in pixels (a multiple of :data:`STRIDE`, at least 16) for a model that
+    works at ``mpp`` µm/px; 48 px when the model works at the images' native scale."""
+    if mpp is None:
+        return 48
+    return max(16, STRIDE * round(CROP_UM / mpp / STRIDE))
+
+
+class CellClassifier(nn.Module):
+    """Crops ``(N, 3, crop_px, crop_px)`` in [0, 1] -> class logits ``(N, C)``."""
+
+    def __init__(self, n_classes: int, *, crop_px: int = 48,
+                 widths: tuple[int, ...] = WIDTHS) -> None:
+        super().__init__()
+        if n_classes < 2 or crop_px < 2 * STRIDE or crop_px % STRIDE or len(widths) != 4:
+            raise QpcellError(f"invalid cell classifier: n_classes={n_classes} (at least 2), "
+                              f"crop_px={crop_px} (a multiple of {STRIDE}, at least "
+                              f"{2 * STRIDE}), widths={tuple(widths)} (four)")
+        self.n_classes, self.crop_px, self.widths = int(n_classes), int(crop_px), tuple(widths)
+        cins = (3, *widths[:-1])
+        self.trunk = nn.ModuleList(DoubleConv(c, w, batch_norm=True)
+                                   for c, w in zip(cins, widths, strict=True))
+        self.head = nn.Conv2d(widths[-1], n_classes, 1)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Stride-8 features of ``x`` (B, 3, H, W)."""
+        for i, block in enumerate(self.trunk):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+        return x
+
+    def forward(self, crops: Tensor) -> Tensor:
+        pooled = self.features(crops).mean(dim=(2, 3), keepdim=True)
+        return self.head(F.dropout(pooled, DROPOUT, self.training))[:, :, 0, 0]
+
+    def dense_logits(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` logits: at each pixel, those of the crop centred on it.
+
+        Output ``j`` of the pooled features covers the padded pixels ``[8j, 8j + crop)``;
+        padding ``crop / 2 - 4`` before makes the upsampled pixel ``p`` read output
+        ``(p + 0.5) / 8 - 0.5``, the crop whose centre is half a pixel from ``p``.
+        """
+        h, w = x.shape[-2:]
+        half = self.crop_px // 2
+        before = half - STRIDE // 2
+        after_h = before + (-(h + 2 * before)) % STRIDE
+        after_w = before + (-(w + 2 * before)) % STRIDE
+        x = F.pad(x, (before, after_w, before, after_h), mode="replicate")
+        pooled = F.avg_pool2d(self.features(x), self.crop_px // STRIDE, stride=1)
+        logits = F.interpolate(self.head(pooled), scale_factor=STRIDE, mode="bilinear",
+                               align_corners=False)
+        return logits[:, :, :h, :w]
+
+    def spec(self) -> dict:
+        return {"crop_px": self.crop_px, "widths": list(self.widths)}
+
+
+class WithCellClassifier(nn.Module):
+    """A trained network whose class map is mixed with a :class:`CellClassifier`'s."""
+
+    def __init__(self, n_classes: int, *, base: dict, cells: dict, share: float) -> None:
+        from qpcell.models import create_model
+
+        super().__init__()
+        if not 0.0 <= share <= 1.0:
+            raise QpcellError(f"cell classifier share {share} is not between 0 and 1")
+        base = dict(base)
+        self.base = create_model(base.pop("name"), **{**base, "n_classes": n_classes})
+        self.cells = CellClassifier(n_classes, **cells)
+        self.n_classes, self.share, self.name = int(n_classes), float(share), NAME
+        self.multiple = getattr(self.base, "multiple", 1)
+        self.postprocess_kind = getattr(self.base, "postprocess_kind", "sdrdin")
+
+    @classmethod
+    def wrap(cls, base: nn.Module, cells: CellClassifier, share: float) -> WithCellClassifier:
+        """The wrapper around the trained modules themselves (their weights, not copies)."""
+        spec = base.spec()
+        model = cls(int(spec["n_classes"]), base=spec, cells=cells.spec(), share=share)
+        model.base, model.cells = base, cells
+        return model
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out = dict(self.base(x))
+        if self.share > 0:
+            out["cell_logits"] = self.cells.dense_logits(x)
+        return out
+
+    def maps(self, out: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The network's detection map and ``(1 - share) p_net + share p_cells``."""
+        det, cls = self.base.maps(out)
+        if "cell_logits" in out and cls is not None:
+            cells = torch.softmax(out["cell_logits"].float(), dim=1)
+            cls = (1.0 - self.share) * cls.float() + self.share * cells
+        return det, cls
+
+    def spec(self) -> dict:
+        return {"name": NAME, "n_classes": self.n_classes, "base": self.base.spec(),
+                "cells": self.cells.spec(), "share": self.share}
+
+
+def base_spec(spec: dict) -> dict:
+    """The network of a model description: the wrapped one for a :class:`WithCellClassifier`."""
+    if spec.get("name") == NAME and isinstance(spec.get("base"), dict):
+        return dict(spec["base"])
+    return dict(spec)
+
+
+def display_name(spec: dict) -> str:
+    """The model's name for people: ``"unet + cell classifier"`` for a wrapped U-Net."""
+    if spec.get("name") == NAME:
+        return f"{base_spec(spec).get('name')} + cell classifier"
+    return str(spec.get("name"))
+
+
+def base_state(spec: dict, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The wrapped network's weights of a :class:`WithCellClassifier`'s ``state`` (names as
+    the network has them); ``state`` itself for any other model."""
+    if spec.get("name") != NAME:
+        return state
+    return {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
+
+
+__all__ = ["CROP_UM", "NAME", "STRIDE", "WIDTHS", "CellClassifier", "WithCellClassifier",
+           "base_spec", "base_state", "crop_px_for", "display_name"]
