@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from qpcell.errors import QpcellError
 from qpcell.models.cell_classifier import CellClassifier
+from qpcell.patches import PAD_VALUE
 
 BATCH = 128
 LR = 2e-3
@@ -32,12 +33,16 @@ BRIGHTNESS = 0.1
 
 def cell_crops(pixels: np.ndarray, xy: np.ndarray, side: int) -> np.ndarray:
     """``(N, side, side, 3)`` uint8 crops of ``pixels`` (H, W, 3) centred on the points ``xy``
-    (N, 2; x = column, y = row, pixels), the image's edge pixels repeated beyond it.
+    (N, 2; x = column, y = row, pixels), white beyond the image.
 
     The crop of a point at pixel ``p`` (rounded) covers ``[p - side // 2, p + side // 2)``.
+    White, as in training windows (:data:`qpcell.patches.PAD_VALUE`) and as a slide reads
+    beyond its edge, so that a cell near an image's edge looks alike in training, in
+    validation and in ``qpcell predict``'s tiles.
     """
     half = side // 2
-    padded = np.pad(pixels[..., :3], ((half, half), (half, half), (0, 0)), mode="edge")
+    padded = np.pad(pixels[..., :3], ((half, half), (half, half), (0, 0)),
+                    constant_values=PAD_VALUE)
     cols = np.rint(np.asarray(xy, float)[:, 0]).astype(int).clip(0, pixels.shape[1] - 1)
     rows = np.rint(np.asarray(xy, float)[:, 1]).astype(int).clip(0, pixels.shape[0] - 1)
     out = np.empty((len(cols), side, side, 3), np.uint8)

@@ -8,7 +8,8 @@ import pytest
 from conftest import TINY_TRAIN
 
 from qpcell.io.geojson import read_geojson
-from qpcell.tuning import CONTEXT_WEIGHTS
+from qpcell.models.cell_classifier import base_spec
+from qpcell.tuning import CELL_SHARES, CONTEXT_WEIGHTS
 
 
 @pytest.fixture
@@ -108,12 +109,18 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     assert training["config"]["weight_decay"] == 0.0
     assert training["config"]["decoupled_weight_decay"] is True
     assert training["patch"]["sampling"] == "cells" and training["patch"]["size"] == 64
-    assert config["model"]["batch_norm"] is True
+    assert base_spec(config["model"])["batch_norm"] is True
+    assert training["config"]["cells_share"] == 0.2  # the cell classifier's share of the time
+    assert training["cell_classifier"]["share"] in CELL_SHARES  # tuned
+    assert training["cell_classifier"]["steps"] > 0
+    assert (config["model"]["name"] == "with-cell-classifier") == (
+        training["cell_classifier"]["share"] > 0)
     assert config["postprocess"]["context_weight"] in CONTEXT_WEIGHTS  # tuned
     assert config["postprocess"]["context_radius_px"] * 0.44 == pytest.approx(10.0)
     out = tmp_path / "paper"
     code, stdout, stderr = cli("train", project, "--out", out, "--base", "4", "--recipe",
-                               "paper", "--class-context", "15", *TINY_TRAIN)
+                               "paper", "--class-context", "15", "--cell-classifier", "0.3",
+                               *TINY_TRAIN)
     assert code == 0, stderr
     assert "recipe paper, 1 epochs" in stdout
     config = json.loads((out / "config.json").read_text())
@@ -125,6 +132,8 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     # asked for, on top of the paper's settings
     assert config["postprocess"]["context_weight"] in CONTEXT_WEIGHTS
     assert config["postprocess"]["context_radius_px"] * 0.44 == pytest.approx(15.0)
+    assert config["training"]["config"]["cells_share"] == 0.3
+    assert config["training"]["cell_classifier"]["steps"] >= 50  # epochs: its step floor
 
 
 def test_progress_lines_reach_a_log_file():
@@ -183,7 +192,7 @@ def test_demo_runs_end_to_end(cli, tmp_path):
     from qpcell.recipe import default_model
 
     config = json.loads((out / "model" / "config.json").read_text())
-    assert config["model"]["name"] == default_model("fast")  # what qpcell train trains
+    assert base_spec(config["model"])["name"] == default_model("fast")  # what qpcell train trains
     assert (out / "predictions" / "test-000.geojson").exists()
     assert (out / "predictions" / "test-000.overlay.png").exists()
     scores = json.loads((out / "evaluation.json").read_text())

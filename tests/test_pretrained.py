@@ -22,6 +22,8 @@ from qpcell.train import TrainCallbacks, TrainImage, train
 
 PATCH = replace(PatchConfig(), size=64, stride=64, background_fraction=0.0)
 FAST = recipe("fast", "s-drdin")
+#: The fast recipe without its cell classifier: these tests are about the network's weights.
+NETWORK_ONLY = replace(FAST.train, cells_share=0.0)
 
 
 def tiny_data(n: int = 2, size: int = 96, seed: int = 0):
@@ -35,7 +37,7 @@ def start_model(tmp_path_factory):
     classes, data = tiny_data()
     out = tmp_path_factory.mktemp("start") / "m"
     train([], classes, out, model_kwargs={**FAST.model_kwargs, "base": 4}, model_mpp=None,
-          prepared=data, train_cfg=replace(FAST.train, epochs=1, seed=0), mask_cfg=FAST.mask,
+          prepared=data, train_cfg=replace(NETWORK_ONLY, epochs=1, seed=0), mask_cfg=FAST.mask,
           patch_cfg=PATCH, device="cpu", max_steps_per_epoch=3)
     return out, classes, data
 
@@ -113,7 +115,7 @@ def test_training_from_a_starting_model_says_so_and_records_it(start_model, tmp_
 
     result = train([], classes, tmp_path / "m", model_kwargs={**FAST.model_kwargs, "base": 4},
                    model_mpp=None, prepared=data, init=str(folder), callbacks=Notes(),
-                   train_cfg=replace(FAST.train, epochs=1, seed=1), mask_cfg=FAST.mask,
+                   train_cfg=replace(NETWORK_ONLY, epochs=1, seed=1), mask_cfg=FAST.mask,
                    patch_cfg=PATCH, device="cpu", max_steps_per_epoch=1)
     init = read_config(result.model_dir)["training"]["init"]
     assert init["source"] == str(folder) and init["classes_kept"] is True
@@ -136,7 +138,7 @@ def test_a_resumed_run_still_says_what_it_started_from(start_model, tmp_path):
                 raise KeyboardInterrupt
 
     kwargs = dict(model_kwargs={**FAST.model_kwargs, "base": 4}, model_mpp=None, prepared=data,
-                  init=str(folder), train_cfg=replace(FAST.train, epochs=2, seed=1),
+                  init=str(folder), train_cfg=replace(NETWORK_ONLY, epochs=2, seed=1),
                   mask_cfg=FAST.mask, patch_cfg=PATCH, device="cpu", max_steps_per_epoch=2)
     with pytest.raises(TrainingInterrupted):
         train([], classes, tmp_path / "m", callbacks=StopAt(), **kwargs)

@@ -299,6 +299,13 @@ def train_command(
                                                "cells within this many µm, the share (none "
                                                "included) tuned on the validation images "
                                                "(fast: 10; 0: off, the paper)."),
+    cell_classifier: float | None = typer.Option(None, min=0.0, max=0.9, help="Share of the "
+                                                 "time budget that trains a cell classifier on "
+                                                 "crops around the annotated cells after the "
+                                                 "network; its class map is mixed into the "
+                                                 "network's with a share tuned on the "
+                                                 "validation images (fast: 0.2; 0: none, the "
+                                                 "paper)."),
     rare_repeats: int | None = typer.Option(None, min=0, help="Grid sampling: draw windows "
                                             "holding a cell of a rare class (under 5% of the "
                                             "points) this many more times per epoch "
@@ -358,7 +365,8 @@ def train_command(
                         **given(epochs=epochs, batch_size=batch_size, lr=lr,
                                 weight_decay=weight_decay,
                                 lr_schedule=lr_schedule, select_on=select_on,
-                                refit_share=refit, ema_decay=ema, max_passes=max_passes))
+                                refit_share=refit, ema_decay=ema, max_passes=max_passes,
+                                cells_share=cell_classifier))
     patch_cfg = replace(rec.patch, **given(size=patch_size, stride=stride, sampling=sampling,
                                            background_fraction=background_fraction,
                                            rotate90=rotate90, colour_jitter=colour_jitter,

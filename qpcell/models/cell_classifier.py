@@ -10,7 +10,9 @@ as much as from its nucleus (epithelium against stroma).
 At prediction it runs densely (:meth:`CellClassifier.dense_logits`): the trunk once over the
 tile, an average over every ``crop_px`` window of its stride-8 features, the 1x1 head, and a
 bilinear upsampling, so each pixel gets what the crop centred on it would give (up to the
-crop's border padding and half a pixel). :class:`WithCellClassifier` wraps a trained network
+crop's border padding and half a pixel). Beyond the image it is white, in the crops and in the
+dense map, as a slide reads beyond its edge: a cell near an image's edge then looks alike in
+training, in validation and in ``qpcell predict``'s tiles, whose halo is white there. :class:`WithCellClassifier` wraps a trained network
 and mixes that class map into the network's own, ``(1 - share) p_net + share p_cells``; the
 detection map is the network's. So every path that turns maps into cells (tiles, test-time
 views, ensembles, the device post-processing) uses it unchanged.
@@ -81,7 +83,7 @@ class CellClassifier(nn.Module):
         before = half - STRIDE // 2
         after_h = before + (-(h + 2 * before)) % STRIDE
         after_w = before + (-(w + 2 * before)) % STRIDE
-        x = F.pad(x, (before, after_w, before, after_h), mode="replicate")
+        x = F.pad(x, (before, after_w, before, after_h), value=1.0)  # white, as the crops
         pooled = F.avg_pool2d(self.features(x), self.crop_px // STRIDE, stride=1)
         logits = F.interpolate(self.head(pooled), scale_factor=STRIDE, mode="bilinear",
                                align_corners=False)
