@@ -12,9 +12,9 @@ tile, an average over every ``crop_px`` window of its stride-8 features, the 1x1
 bilinear upsampling, so each pixel gets what the crop centred on it would give (up to the
 crop's border padding and half a pixel). Beyond the image it is white, in the crops and in the
 dense map, as a slide reads beyond its edge: a cell near an image's edge then looks alike in
-training, in validation and in ``qpcell predict``'s tiles, whose halo is white there. :class:`WithCellClassifier` wraps a trained network
-and mixes that class map into the network's own, ``(1 - share) p_net + share p_cells``; the
-detection map is the network's. So every path that turns maps into cells (tiles, test-time
+training, in validation and in ``qpcell predict``'s tiles, whose halo is white there.
+:class:`WithCellClassifier` wraps a trained network and mixes that class map into the
+network's own, ``(1 - share) p_net + share p_cells``; the detection map is the network's. So every path that turns maps into cells (tiles, test-time
 views, ensembles, the device post-processing) uses it unchanged.
 
 docs/RESULTS.md, "A cell classifier beside the network", measures it.
