@@ -14,8 +14,9 @@ crop's border padding and half a pixel). Beyond the image it is white, in the cr
 dense map, as a slide reads beyond its edge: a cell near an image's edge then looks alike in
 training, in validation and in ``qpcell predict``'s tiles, whose halo is white there.
 :class:`WithCellClassifier` wraps a trained network and mixes that class map into the
-network's own, ``(1 - share) p_net + share p_cells``; the detection map is the network's. So every path that turns maps into cells (tiles, test-time
-views, ensembles, the device post-processing) uses it unchanged.
+network's own, ``(1 - share) p_net + share p_cells``; the detection map is the network's. So
+every path that turns maps into cells (tiles, test-time views, ensembles, the device
+post-processing) uses it unchanged.
 
 docs/RESULTS.md, "A cell classifier beside the network", measures it.
 """
