@@ -615,3 +615,20 @@ def test_views_retunes_each_model_for_its_views_and_reproduces_training(endonuke
         ens["postprocess"]["threshold"], abs=0.051)  # at most one member one grid step away
     assert result["summary"]["flips"]["minus_none"]["detection_f1"]["of"] == 2
     assert json.loads(out.read_text(encoding="utf-8"))["dataset"] == "endonuke"
+
+
+def test_cell_classifier_scores_each_share_on_the_same_network(endonuke, tmp_path, monkeypatch):
+    cells, _ = script_with_a_model("cell_classifier", endonuke, tmp_path, monkeypatch)
+    out = tmp_path / "cells.json"
+    result = cells.main(["--models", str(tmp_path / "m"), "--shares", "0,0.5", "--steps", "3",
+                         "--max-test", "2", "--cache", str(tmp_path / "cache"), "--workdir",
+                         str(tmp_path / "w"), "--json", str(out)])
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert [r["share"] for r in rows] == [0.0, 0.5, "tuned"]
+    assert rows[-1]["chosen_share"] in (0.0, 0.5) and rows[0]["classifier_steps"] == 3
+    assert result["summary"]["0.0"]["weighted_f1"]["diff"] == 0.0
+    from qpcell.checkpoint import read_config
+
+    assert read_config(tmp_path / "w" / "m" / "share-0.5")["model"]["share"] == 0.5
+    assert read_config(tmp_path / "w" / "m" / "share-0")["model"]["name"] == "s-drdin"

@@ -84,18 +84,30 @@ def test_the_classifier_learns_the_classes_of_cells_it_never_saw(trained):
     assert np.mean(called.numpy() == held_out.labels) >= 0.8
 
 
-def test_the_dense_map_calls_each_cell_as_the_crop_centred_on_it(trained):
+def test_the_dense_map_pools_the_tile_features_centred_on_each_pixel(trained):
+    import torch.nn.functional as F
+
     model, _, held_out = trained
-    crops = cell_crops(held_out.pixels, held_out.xy, model.crop_px)
     x = torch.from_numpy(held_out.pixels).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        by_crop = model(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255).argmax(1)
         dense = model.dense_logits(x)[0]
-    assert dense.shape == (len(model.widths) - 1, 96, 96)
-    rows, cols = np.rint(held_out.xy[:, 1]).astype(int), np.rint(held_out.xy[:, 0]).astype(int)
-    at_cells = dense[:, rows, cols].argmax(0)
-    assert np.mean(at_cells.numpy() == by_crop.numpy()) >= 0.9
-    assert np.mean(at_cells.numpy() == held_out.labels) >= 0.8
+        # by hand: white around the tile, the features, and the head on the mean of the 6 x 6
+        # feature cells that cover [8j - 24, 8j + 24) + 4, i.e. the crop centred on 8j + 4
+        grid = model.features(F.pad(x, (20, 20, 20, 20), value=1.0))[0]
+    assert dense.shape == (model.n_classes, 96, 96)
+
+    def by_hand(jy: int, jx: int) -> torch.Tensor:
+        block = grid[:, jy:jy + 6, jx:jx + 6].mean(dim=(1, 2))
+        return (model.head.weight[:, :, 0, 0] @ block + model.head.bias).detach()
+
+    errors = {shift: [] for shift in (-1, 0, 1)}
+    for jy in range(1, 10):
+        for jx in range(1, 10):
+            at = dense[:, 8 * jy + 4, 8 * jx + 4]
+            for shift in errors:
+                errors[shift].append(float((at - by_hand(jy + shift, jx)).abs().max()))
+    # half a pixel off at most: far closer to its own block than to the next one up or down
+    assert max(errors[0]) < 0.25 * min(np.mean(errors[-1]), np.mean(errors[1]))
 
 
 def wrapped(share: float = 0.3) -> tuple[WithCellClassifier, torch.nn.Module, CellClassifier]:
@@ -190,8 +202,8 @@ def test_training_adds_the_classifier_with_the_share_validation_chose(tmp_path, 
                   patch_cfg=replace(rec.patch, size=64), post_cfg=rec.post, device="cpu",
                   max_steps_per_epoch=2)
     monkeypatch.setattr("qpcell.tuning.CELL_SHARES", (0.5,))
-    train([], classes, tmp_path / "half", train_cfg=replace(rec.train, epochs=1, seed=0),
-          **kwargs)
+    train([], classes, tmp_path / "half",
+          train_cfg=replace(rec.train, epochs=1, seed=0, cells_share=0.2), **kwargs)
     config = read_config(tmp_path / "half")
     done = config["training"]["cell_classifier"]
     assert done["share"] == 0.5 and done["tuned"] and done["steps"] == 50  # the step floor
@@ -203,8 +215,8 @@ def test_training_adds_the_classifier_with_the_share_validation_chose(tmp_path, 
     assert cls.shape == (1, 3, 96, 96) and np.allclose(cls.sum(1), 1.0, atol=1e-4)
 
     monkeypatch.setattr("qpcell.tuning.CELL_SHARES", (0.0,))
-    train([], classes, tmp_path / "none", train_cfg=replace(rec.train, epochs=1, seed=0),
-          **kwargs)
+    train([], classes, tmp_path / "none",
+          train_cfg=replace(rec.train, epochs=1, seed=0, cells_share=0.2), **kwargs)
     config = read_config(tmp_path / "none")
     assert config["model"]["name"] == "unet"  # a share of 0: the network alone is saved
     assert config["training"]["cell_classifier"]["share"] == 0.0

@@ -97,7 +97,8 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     out = tmp_path / "budget"
     code, stdout, stderr = cli("train", project, "--out", out, "--base", "4", "--time-budget",
                                "0.15", "--patch-size", "64", "--model-mpp", "native",
-                               "--device", "cpu", "--max-passes", "2", "--members", "1")
+                               "--device", "cpu", "--max-passes", "2", "--members", "1",
+                               "--cell-classifier", "0.2")
     assert code == 0, stderr
     assert "recipe fast, time budget 0.15 min" in stdout
     assert "or 1,000 steps, whichever comes first: 2 passes" in " ".join(stdout.split())

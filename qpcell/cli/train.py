@@ -304,8 +304,8 @@ def train_command(
                                                  "crops around the annotated cells after the "
                                                  "network; its class map is mixed into the "
                                                  "network's with a share tuned on the "
-                                                 "validation images (fast: 0.2; 0: none, the "
-                                                 "paper)."),
+                                                 "validation images (0: none, the default; "
+                                                 "0.2 was measured)."),
     rare_repeats: int | None = typer.Option(None, min=0, help="Grid sampling: draw windows "
                                             "holding a cell of a rare class (under 5% of the "
                                             "points) this many more times per epoch "
