@@ -298,7 +298,8 @@ def tune_cell_share(net_maps: Sequence[tuple[np.ndarray, np.ndarray]],
                     key: Callable[[float, float], tuple], kind: str = "sdrdin",
                     shares: Sequence[float] | None = None) -> tuple[float, dict, float, float]:
     """The cell classifier's share of the class maps (:mod:`qpcell.models.cell_classifier`):
-    for each of ``shares``, the class maps ``(1 - share) net + share cells`` get the whole
+    for each of ``shares``, the class maps ``(1 - share) net + share cells`` (``cells``: the
+    maps of the classifier at share 1, which carry the network's class mass) get the whole
     post-processing search (:func:`tune_postprocess`); the share whose scores rank highest by
     ``key(detection F1, weighted class F1)`` is kept, the smaller on a tie.
 

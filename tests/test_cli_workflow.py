@@ -128,7 +128,7 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     assert config["training"]["config"]["time_budget_s"] is None
     assert config["training"]["config"]["weight_decay"] == 0.0
     assert config["training"]["patch"]["sampling"] == "grid"
-    assert config["model"]["batch_norm"] is False
+    assert base_spec(config["model"])["batch_norm"] is False
     assert config["mask"]["disc_radius_px"] == 2.0
     # asked for, on top of the paper's settings
     assert config["postprocess"]["context_weight"] in CONTEXT_WEIGHTS

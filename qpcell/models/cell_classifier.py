@@ -14,7 +14,7 @@ crop's border padding and half a pixel). Beyond the image it is white, in the cr
 dense map, as a slide reads beyond its edge: a cell near an image's edge then looks alike in
 training, in validation and in ``qpcell predict``'s tiles, whose halo is white there.
 :class:`WithCellClassifier` wraps a trained network and mixes that class map into the
-network's own, ``(1 - share) p_net + share p_cells``; the detection map is the network's. So
+network's own (:meth:`WithCellClassifier.maps`); the detection map is the network's. So
 every path that turns maps into cells (tiles, test-time views, ensembles, the device
 post-processing) uses it unchanged.
 
@@ -125,11 +125,17 @@ class WithCellClassifier(nn.Module):
         return out
 
     def maps(self, out: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """The network's detection map and ``(1 - share) p_net + share p_cells``."""
+        """The network's detection map, and its class map with the class of each pixel mixed:
+        ``(1 - share) p_net + share m p_cells``, where ``m`` is the network's class mass at the
+        pixel (its class map's sum: ``1 - p(background)`` for the softmax networks). So the
+        class probabilities given a cell mix as ``(1 - share)`` and ``share``, and the map's
+        mass per pixel, which post-processing by class-map peaks thresholds, stays the
+        network's."""
         det, cls = self.base.maps(out)
         if "cell_logits" in out and cls is not None:
+            cls = cls.float()
             cells = torch.softmax(out["cell_logits"].float(), dim=1)
-            cls = (1.0 - self.share) * cls.float() + self.share * cells
+            cls = (1.0 - self.share) * cls + self.share * cls.sum(1, keepdim=True) * cells
         return det, cls
 
     def spec(self) -> dict:
