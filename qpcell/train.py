@@ -294,9 +294,9 @@ def prepare_data(images: Sequence[AnnotatedImage], *, model_mpp: float | None,
 
 
 EPOCHS_DIR = "epochs"
-#: The cell classifier's share of the class maps where no validation image is left to tune it
-#: on (after a refit on every image): the middle of :data:`qpcell.tuning.CELL_SHARES`, not a
-#: measured choice.
+#: The cell classifier's share of the class maps where no validation image is left to tune the
+#: settings on (after a refit on every image): the share training offers
+#: (:data:`qpcell.tuning.CELL_SHARES`).
 CELLS_UNTUNED_SHARE = 0.5
 
 

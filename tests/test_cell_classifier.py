@@ -185,12 +185,16 @@ def test_the_share_goes_to_whichever_map_knows_the_classes():
     def key(f1, cf1):
         return (f1 + cf1) / 2, f1
 
+    shares = (0.0, 0.5, 1.0)
     share, setting, f1, cf1 = tune_cell_share(bad, [c for _, c in good], truths, classes,
-                                              PostprocessConfig(), 6.0, key)
+                                              PostprocessConfig(), 6.0, key, shares=shares)
     assert share > 0 and cf1 > 0.9 and f1 > 0.9 and "threshold" in setting
     share, _, _, cf1 = tune_cell_share(good, [c for _, c in bad], truths, classes,
-                                       PostprocessConfig(), 6.0, key)
+                                       PostprocessConfig(), 6.0, key, shares=shares)
     assert share == 0.0 and cf1 > 0.9
+    share, _, _, _ = tune_cell_share(good, [c for _, c in bad], truths, classes,
+                                     PostprocessConfig(), 6.0, key)
+    assert share == 0.5  # what training offers: half, whatever validation would prefer
 
 
 def test_training_adds_the_classifier_with_the_share_validation_chose(tmp_path, monkeypatch):
