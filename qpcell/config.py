@@ -153,8 +153,8 @@ class TrainConfig:
     # Not in the papers: this share of a time budget trains a cell classifier on crops around
     # the training cells after the network (qpcell.models.cell_classifier), for at most
     # cells_passes draws of every training cell (without a budget: that many, at least
-    # cells_min_steps steps); its class map is mixed into the network's with a share tuned on
-    # the validation images. 0 = none, as in the papers
+    # cells_min_steps steps); half of its class map is mixed into the network's
+    # (qpcell.tuning.CELL_SHARES). 0 = none, as in the papers
     cells_share: float = 0.0
     cells_passes: float = 12.0
     cells_min_steps: int = 50

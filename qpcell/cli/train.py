@@ -302,10 +302,9 @@ def train_command(
     cell_classifier: float | None = typer.Option(None, min=0.0, max=0.9, help="Share of the "
                                                  "time budget that trains a cell classifier on "
                                                  "crops around the annotated cells after the "
-                                                 "network; its class map is mixed into the "
-                                                 "network's with a share tuned on the "
-                                                 "validation images (0: none, the default; "
-                                                 "0.2 was measured)."),
+                                                 "network; half of its class map is mixed "
+                                                 "into the network's (fast: 0.2; 0: none, "
+                                                 "the paper)."),
     rare_repeats: int | None = typer.Option(None, min=0, help="Grid sampling: draw windows "
                                             "holding a cell of a rare class (under 5% of the "
                                             "points) this many more times per epoch "
