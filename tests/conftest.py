@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qpcell.cli import main
+from qpcell.train import TrainCallbacks
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -134,3 +135,13 @@ def tiny_model(synthetic_project, tmp_path_factory) -> Path:
         main(["train", str(synthetic_project), "--out", str(out), "--base", "4", *TINY_TRAIN])
     assert exc.value.code == 0
     return out
+
+
+class NoteTaker(TrainCallbacks):
+    """Training callbacks that keep every note."""
+
+    def __init__(self):
+        self.notes: list[str] = []
+
+    def on_note(self, text: str) -> None:
+        self.notes.append(text)

@@ -233,19 +233,13 @@ def test_training_adds_the_classifier_with_the_share_validation_chose(tmp_path, 
 
 
 def test_a_time_budget_leaves_the_classifier_its_share(tmp_path):
+    from conftest import NoteTaker
+
     from qpcell.recipe import recipe
-    from qpcell.train import TrainCallbacks
-
-    class Notes(TrainCallbacks):
-        def __init__(self):
-            self.notes = []
-
-        def on_note(self, text):
-            self.notes.append(text)
 
     classes, data = tiny_data(4, 96)
     rec = recipe("fast")
-    said = Notes()
+    said = NoteTaker()
     budget = 12.0
     result = train([], classes, tmp_path / "m", model_name="unet",
                    model_kwargs={**rec.model_kwargs, "base": 4}, model_mpp=None,

@@ -361,19 +361,13 @@ def test_a_time_budget_ends_on_time_with_the_schedule_run_out(tmp_path):
 
 
 def test_a_step_cap_ends_a_long_budget_early_with_the_schedule_run_out(tmp_path):
+    from conftest import NoteTaker
+
     from qpcell.recipe import recipe
-    from qpcell.train import TrainCallbacks
-
-    class Notes(TrainCallbacks):
-        def __init__(self):
-            self.notes = []
-
-        def on_note(self, text):
-            self.notes.append(text)
 
     classes, data = tiny_data(4, 96)
     rec = recipe("fast")
-    said = Notes()
+    said = NoteTaker()
     cfg = replace(rec.train, time_budget_s=600.0, seed=0, max_passes=1.0, min_steps=24)
     result = train([], classes, tmp_path / "m", model_name="unet",
                    model_kwargs={**rec.model_kwargs, "base": 4},
