@@ -49,7 +49,7 @@ scanners and pixel sizes it was not built for. Each of its changes was measured 
   21 µm crops around the annotated cells in a fifth of the budget, after the network, and mixes
   half of its class map into the network's, :mod:`qpcell.models.cell_classifier`). On EndoNuke
   it lifted weighted F1 at 10 minutes from 0.931 ± 0.011 to 0.944 ± 0.002 (three seeds,
-  detection level, prediction about 70% slower), but with few cells it gets only its floor of
+  detection level, a slide's prediction 40% slower), but with few cells it gets only its floor of
   50 steps: on the tests' small synthetic set the model with it scored weighted F1 0.64 where
   the network alone passes the test's 0.8. It is unmeasured on NuCLS and at 2x, 3x and 30
   minutes (docs/RESULTS.md, "A cell classifier beside the network").
