@@ -894,10 +894,10 @@ def with_cells(run: Run, prep: PreparedData, classes, model: torch.nn.Module,
                cells: CellClassifier, views: str, select_on: str, retune: bool
                ) -> tuple[float, dict | None, float, float]:
     """The cell classifier's share of the class maps and the settings tuned with it
-    (:func:`qpcell.tuning.tune_cell_share` on the validation images), or, without validation
-    images of its own (after a refit, or ``retune`` False), :data:`CELLS_UNTUNED_SHARE` and no
-    new settings."""
-    if not retune or run.refit is not None or not prep.val_set:
+    (:func:`qpcell.tuning.tune_cell_share` on the validation images), or, when nothing is to be
+    tuned (``retune`` False: after Ctrl-C or a refit) or no validation image is left,
+    :data:`CELLS_UNTUNED_SHARE` and no new settings."""
+    if not retune or not prep.val_set:
         return CELLS_UNTUNED_SHARE, None, math.nan, math.nan
     net_maps = validation_maps(model, prep.val_set, run.device, views)
     only_cells = WithCellClassifier.wrap(model, cells, 1.0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,13 +82,12 @@ def _augment(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 def fit_cell_classifier(model: CellClassifier, images: Sequence[tuple], *, steps: int,
                         seconds: float | None = None, device: torch.device | None = None,
                         amp: torch.dtype | None = None,
-                        layout: torch.memory_format = torch.contiguous_format, seed: int = 0,
-                        on_step: Callable[[int, float], None] | None = None) -> CellTraining:
+                        layout: torch.memory_format = torch.contiguous_format, seed: int = 0
+                        ) -> CellTraining:
     """Train ``model`` on the cells of ``images`` (``(pixels, xy, labels)`` at the model's
     scale) for ``steps`` steps or ``seconds`` seconds, whichever ends first.
 
-    ``amp`` autocasts the forward pass (bf16 where the run trains in it); ``on_step(step,
-    loss)`` reports progress.
+    ``amp`` autocasts the forward pass (bf16 where the run trains in it).
     """
     device = device or torch.device("cpu")
     side = model.crop_px + 2 * JITTER_PX
@@ -132,8 +131,6 @@ def fit_cell_classifier(model: CellClassifier, images: Sequence[tuple], *, steps
         optimizer.step()
         step += 1
         losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
     model.eval()
     tenth = max(1, len(losses) // 10)
     return CellTraining(step, time.perf_counter() - t0,

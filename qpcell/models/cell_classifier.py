@@ -107,8 +107,6 @@ class WithCellClassifier(nn.Module):
         self.base = create_model(base.pop("name"), **{**base, "n_classes": n_classes})
         self.cells = CellClassifier(n_classes, **cells)
         self.n_classes, self.share, self.name = int(n_classes), float(share), NAME
-        self.multiple = getattr(self.base, "multiple", 1)
-        self.postprocess_kind = getattr(self.base, "postprocess_kind", "sdrdin")
 
     @classmethod
     def wrap(cls, base: nn.Module, cells: CellClassifier, share: float) -> WithCellClassifier:
