@@ -3,8 +3,9 @@ the same network weights.
 
 Each model folder is a single network kept by ``benchmarks/time_to_accuracy.py --workdir``. For
 each, a cell classifier (:mod:`qpcell.models.cell_classifier`) is trained on the network's own
-training images (named in its ``config.json``) for ``--steps`` steps, as ``qpcell train`` does
-after the network (:func:`qpcell.train_cells.fit_cell_classifier`). Then for each ``--shares``
+training images (named in its ``config.json``) for as many steps as ``qpcell train`` gives it
+(or ``--steps``, or until ``--seconds``), as ``qpcell train`` does after the network
+(:func:`qpcell.train_cells.fit_cell_classifier`). Then for each ``--shares``
 value the class maps ``(1 - share) net + share cells`` of the validation images (with the
 model's test-time views) get the whole post-processing search, as training's final tuning
 does, the model is saved with those settings, and the split's test images are predicted and
@@ -36,20 +37,22 @@ from class_context import KEYS  # noqa: E402
 from class_gains import model_runs_parser  # noqa: E402
 from time_to_accuracy import load_split, score_on_test  # noqa: E402
 
+from qpcell.models.cell_classifier import MARGIN_PX  # noqa: E402
+
 META_SKIP = ("model", "format", "format_version", "qpcell_version", "kind")
 
 
-def run_model(model_dir: Path, split, shares: Sequence[float], steps: int, workdir: Path,
-              seed: int) -> list[dict]:
+def run_model(model_dir: Path, split, shares: Sequence[float], steps: int | None,
+              workdir: Path, seed: int, margin_px: int, seconds: float | None) -> list[dict]:
     """Rows of (share, validation and test scores) for one kept model."""
     import torch
 
     from qpcell.checkpoint import load_model, postprocess_meta, read_config, save_model
-    from qpcell.config import PAPER_MPP, PostprocessConfig
+    from qpcell.config import PAPER_MPP, PostprocessConfig, TrainConfig
     from qpcell.device import autocast_dtype, training_layout
     from qpcell.models.cell_classifier import CellClassifier, WithCellClassifier, crop_px_for
     from qpcell.train import estimate_source_mpp, load_train_image, selection_key
-    from qpcell.train_cells import fit_cell_classifier
+    from qpcell.train_cells import classifier_steps, fit_cell_classifier
     from qpcell.tuning import tune_cell_share, validation_maps
 
     config = read_config(model_dir)
@@ -62,11 +65,15 @@ def run_model(model_dir: Path, split, shares: Sequence[float], steps: int, workd
     bundle = load_model(model_dir, device="cpu")
     net, device = bundle.models["model"], torch.device("cpu")
     torch.manual_seed(seed)
-    cells = CellClassifier(len(bundle.classes), crop_px=crop_px_for(mpp))
+    cells = CellClassifier(len(bundle.classes), crop_px=crop_px_for(mpp), margin_px=margin_px)
     amp = autocast_dtype(device, "auto")
     t0 = time.perf_counter()
+    if steps is None:
+        defaults = TrainConfig()
+        steps = classifier_steps(sum(len(d.xy) for d in train_set), defaults.cells_passes,
+                                 defaults.cells_min_steps)
     fit = fit_cell_classifier(cells, [(d.pixels, d.xy, d.labels) for d in train_set],
-                              steps=steps, device=device, amp=amp,
+                              steps=steps, seconds=seconds, device=device, amp=amp,
                               layout=training_layout(device, amp), seed=seed)
     fit_s = time.perf_counter() - t0
     fields = PostprocessConfig.__dataclass_fields__
@@ -121,16 +128,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = model_runs_parser(__doc__.splitlines()[0])
     p.add_argument("--shares", default="0,0.25,0.5",
                    help="comma-separated shares of the classifier's class map (0: none)")
-    p.add_argument("--steps", type=int, default=1137, help="the classifier's training steps "
-                   "(1,137: 12 passes over EndoNuke's 132 training tiles, as qpcell train)")
+    p.add_argument("--steps", type=int, default=None, help="the classifier's training steps "
+                   "(default: as qpcell train gives it, qpcell.train_cells.classifier_steps)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="stop the classifier's training after this many seconds, as a time "
+                   "budget does (qpcell train: a fifth of it)")
+    p.add_argument("--margin-px", type=int, default=MARGIN_PX,
+                   help="how far the training windows reach beyond the crop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("runs/cell-classifier"))
     args = p.parse_args(argv)
     split = load_split(args.dataset, data_root(), args.cache, max_test=args.max_test)
     shares = [float(s) for s in args.shares.split(",")]
     rows = [r for m in args.models
-            for r in run_model(m, split, shares, args.steps, args.workdir, args.seed)]
-    result = {"dataset": args.dataset, "shares": shares, "steps": args.steps, "rows": rows,
+            for r in run_model(m, split, shares, args.steps, args.workdir, args.seed,
+                               args.margin_px, args.seconds)]
+    result = {"dataset": args.dataset, "shares": shares, "steps": args.steps,
+              "seconds": args.seconds, "margin_px": args.margin_px, "rows": rows,
               "summary": summarise(rows)}
     for share, entry in result["summary"].items():
         parts = [f"{k} {v['mean']:.4f}" + ("" if v["diff"] is None else f" ({v['diff']:+.4f}, "

@@ -2,10 +2,11 @@
 
 Each step draws ``batch`` annotated cells of the training images, a cell of class ``k`` with
 probability proportional to ``count_k ** -0.5`` (rare classes drawn more often, not as often as
-the common ones), cuts the crop centred on it shifted by up to ``jitter_px`` pixels (a detected
-cell lies a pixel or two from where it was clicked), flips and turns it, scales its brightness
-by up to 10%, and takes one AdamW step on the cross-entropy. The learning rate falls along a
-cosine to 0 by the end: the step count or the seconds, whichever comes first.
+the common ones), cuts the window (the crop and its margins) centred on it, shifted by up to
+``jitter_px`` pixels (a detected cell lies a pixel or two from where it was clicked), flips and
+turns it, scales its brightness by up to 10%, and takes one AdamW step on the cross-entropy.
+The learning rate falls along a cosine to 0 by the end: the step count or the seconds,
+whichever comes first.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def fit_cell_classifier(model: CellClassifier, images: Sequence[tuple], *, steps
     ``amp`` autocasts the forward pass (bf16 where the run trains in it).
     """
     device = device or torch.device("cpu")
-    side = model.crop_px + 2 * JITTER_PX
+    side = model.window_px + 2 * JITTER_PX
     parts = [(cell_crops(px, xy, side), np.asarray(lab, int)) for px, xy, lab in images
              if len(xy)]
     if not parts:
@@ -118,7 +119,7 @@ def fit_cell_classifier(model: CellClassifier, images: Sequence[tuple], *, steps
             group["lr"] = LR * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         idx = rng.choice(len(labels), BATCH, p=weights)
         dx, dy = rng.integers(0, 2 * JITTER_PX + 1, 2)
-        x = crops[idx][:, dy:dy + model.crop_px, dx:dx + model.crop_px]
+        x = crops[idx][:, dy:dy + model.window_px, dx:dx + model.window_px]
         x = _augment(x.permute(0, 3, 1, 2).float().div_(255.0), rng)
         x = x.to(device).contiguous(memory_format=layout)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):

@@ -63,13 +63,17 @@ def test_the_crop_side_follows_the_working_scale():
     assert crop_px_for(0.22) == 96 and crop_px_for(5.0) == 16
     with pytest.raises(QpcellError, match="multiple of 8"):
         CellClassifier(3, crop_px=44)
+    with pytest.raises(QpcellError, match="margin_px=4"):
+        CellClassifier(3, margin_px=4)
+    assert CellClassifier(3, crop_px=32, margin_px=8).window_px == 48
 
 
 @pytest.fixture(scope="module")
 def trained():
     classes, data = tiny_data(5, 96)
     torch.manual_seed(0)
-    model = CellClassifier(len(classes))
+    # a 32 px crop with 8 px margins keeps the windows small: 80 steps in seconds
+    model = CellClassifier(len(classes), crop_px=32, margin_px=8)
     result = fit_cell_classifier(model, [(d.pixels, d.xy, d.labels) for d in data[:4]],
                                  steps=80, seed=0)
     return model, result, data[4]
@@ -78,10 +82,22 @@ def trained():
 def test_the_classifier_learns_the_classes_of_cells_it_never_saw(trained):
     model, result, held_out = trained
     assert result.steps == 80 and result.last_loss < 0.5 * result.first_loss
-    crops = cell_crops(held_out.pixels, held_out.xy, model.crop_px)
+    windows = cell_crops(held_out.pixels, held_out.xy, model.window_px)
     with torch.no_grad():
-        called = model(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255).argmax(1)
+        called = model(torch.from_numpy(windows).permute(0, 3, 1, 2).float() / 255).argmax(1)
     assert np.mean(called.numpy() == held_out.labels) >= 0.8
+
+
+def test_its_dense_map_calls_the_classes_of_cells_it_never_saw(trained):
+    # The synthetic classes are random from cell to cell, so only the cell at the centre tells
+    # its class. A classifier that pooled over the crop alone called them right on crops (from
+    # where the zero padding put the centre) and at chance on the dense map.
+    model, _, held_out = trained
+    x = torch.from_numpy(held_out.pixels).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        dense = model.dense_logits(x)[0].argmax(0).numpy()
+    rows, cols = np.rint(held_out.xy[:, ::-1]).astype(int).clip(0, 95).T
+    assert np.mean(dense[rows, cols] == held_out.labels) >= 0.8
 
 
 def test_the_dense_map_pools_the_tile_features_centred_on_each_pixel(trained):
@@ -91,23 +107,26 @@ def test_the_dense_map_pools_the_tile_features_centred_on_each_pixel(trained):
     x = torch.from_numpy(held_out.pixels).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         dense = model.dense_logits(x)[0]
-        # by hand: white around the tile, the features, and the head on the mean of the 6 x 6
-        # feature cells that cover [8j - 24, 8j + 24) + 4, i.e. the crop centred on 8j + 4
-        grid = model.features(F.pad(x, (20, 20, 20, 20), value=1.0))[0]
+        # by hand: white around the tile, the features, and the head on the means of the 4 x 4
+        # feature cells that cover [8j - 16, 8j + 16) + 4 (the crop centred on 8j + 4) and of
+        # their central 2 x 2
+        grid = model.features(F.pad(x, (12, 12, 12, 12), value=1.0))[0]
     assert dense.shape == (model.n_classes, 96, 96)
 
     def by_hand(jy: int, jx: int) -> torch.Tensor:
-        block = grid[:, jy:jy + 6, jx:jx + 6].mean(dim=(1, 2))
-        return (model.head.weight[:, :, 0, 0] @ block + model.head.bias).detach()
+        crop = grid[:, jy:jy + 4, jx:jx + 4].mean(dim=(1, 2))
+        centre = grid[:, jy + 1:jy + 3, jx + 1:jx + 3].mean(dim=(1, 2))
+        return (model.head.weight[:, :, 0, 0] @ torch.cat([centre, crop])
+                + model.head.bias).detach()
 
-    errors = {shift: [] for shift in (-1, 0, 1)}
+    # the pixel 8j + 4 reads the pooled output j + 1/16 (bilinear, half-pixel centres), so
+    # 15/16 of the crop centred on it and 1/16 of the next one along each axis
+    w = (15 / 16, 1 / 16)
     for jy in range(1, 10):
         for jx in range(1, 10):
-            at = dense[:, 8 * jy + 4, 8 * jx + 4]
-            for shift in errors:
-                errors[shift].append(float((at - by_hand(jy + shift, jx)).abs().max()))
-    # half a pixel off at most: far closer to its own block than to the next one up or down
-    assert max(errors[0]) < 0.25 * min(np.mean(errors[-1]), np.mean(errors[1]))
+            expected = sum(w[a] * w[b] * by_hand(jy + a, jx + b) for a in (0, 1) for b in (0, 1))
+            torch.testing.assert_close(dense[:, 8 * jy + 4, 8 * jx + 4], expected, atol=1e-4,
+                                       rtol=1e-4)
 
 
 def wrapped(share: float = 0.3) -> tuple[WithCellClassifier, torch.nn.Module, CellClassifier]:

@@ -1,18 +1,21 @@
-"""A second opinion on each cell's class: a small CNN that looks at the tissue around the cell.
+"""A second opinion on each cell's class: a small CNN that looks at the cell and the tissue
+around it.
 
 Not in the papers. The multi-task network classifies every pixel of a nucleus from features
 shaped for detection too; this classifier is trained on one thing only, the class of an
 annotated cell, from a square crop of ``crop_px`` pixels centred on it (21 µm at 0.44 µm/px:
 the nucleus and its neighbours), with every cell drawn by the inverse square root of its class's
-count. Its features are pooled over the whole crop, so it decides from the cell's surroundings
-as much as from its nucleus (epithelium against stroma).
+count. Its features are pooled twice, over the crop's centre (the cell itself: its stain) and
+over the whole crop (its surroundings: epithelium against stroma), and the head reads both.
+It trains on windows ``margin_px`` wider than the crop on each side, so that the crop's
+features see real pixels around them, as they do in a tile.
 
 At prediction it runs densely (:meth:`CellClassifier.dense_logits`): the trunk once over the
-tile, an average over every ``crop_px`` window of its stride-8 features, the 1x1 head, and a
-bilinear upsampling, so each pixel gets what the crop centred on it would give (up to the
-crop's border padding and half a pixel). Beyond the image it is white, in the crops and in the
-dense map, as a slide reads beyond its edge: a cell near an image's edge then looks alike in
-training, in validation and in ``qpcell predict``'s tiles, whose halo is white there.
+tile, the two averages over every crop of its stride-8 features, the 1x1 head, and a bilinear
+upsampling, so each pixel gets what the window centred on it would give (up to the features
+near the window's border and half a pixel). Beyond the image it is white, in the windows and in
+the dense map, as a slide reads beyond its edge: a cell near an image's edge then looks alike
+in training, in validation and in ``qpcell predict``'s tiles, whose halo is white there.
 :class:`WithCellClassifier` wraps a trained network and mixes that class map into the
 network's own (:meth:`WithCellClassifier.maps`); the detection map is the network's. So
 every path that turns maps into cells (tiles, test-time views, ensembles, the device
@@ -35,6 +38,8 @@ STRIDE = 8  # three 2x2 poolings
 CROP_UM = 21.0
 WIDTHS = (16, 32, 64, 128)
 DROPOUT = 0.3  # on the pooled features, in training
+#: Training windows reach this far beyond the crop, so the crop's features see real pixels.
+MARGIN_PX = 0
 NAME = "with-cell-classifier"
 
 
@@ -47,20 +52,44 @@ def crop_px_for(mpp: float | None) -> int:
 
 
 class CellClassifier(nn.Module):
-    """Crops ``(N, 3, crop_px, crop_px)`` in [0, 1] -> class logits ``(N, C)``."""
+    """Windows ``(N, 3, window_px, window_px)`` in [0, 1] -> class logits ``(N, C)`` of the
+    cell at their centre.
 
-    def __init__(self, n_classes: int, *, crop_px: int = 48,
+    A window is the crop of ``crop_px`` pixels with ``margin_px`` more on each side. The
+    trunk's stride-8 features over the whole window are pooled twice: over the crop (the
+    tissue around the cell) and over the centre (the cell itself: the central 2 x 2 features,
+    or 1 x 1 for an odd number of them); the head reads both. The margin gives the crop's
+    features real neighbours, as they have in the dense map (:meth:`dense_logits`), instead of
+    the convolutions' zero padding, from which a network pooling over a crop learns where its
+    centre is and which it never meets in a tile.
+    """
+
+    def __init__(self, n_classes: int, *, crop_px: int = 48, margin_px: int = MARGIN_PX,
                  widths: tuple[int, ...] = WIDTHS) -> None:
         super().__init__()
-        if n_classes < 2 or crop_px < 2 * STRIDE or crop_px % STRIDE or len(widths) != 4:
+        if (n_classes < 2 or crop_px < 2 * STRIDE or crop_px % STRIDE or margin_px < 0
+                or margin_px % STRIDE or len(widths) != 4):
             raise QpcellError(f"invalid cell classifier: n_classes={n_classes} (at least 2), "
                               f"crop_px={crop_px} (a multiple of {STRIDE}, at least "
-                              f"{2 * STRIDE}), widths={tuple(widths)} (four)")
+                              f"{2 * STRIDE}), margin_px={margin_px} (a multiple of {STRIDE}), "
+                              f"widths={tuple(widths)} (four)")
         self.n_classes, self.crop_px, self.widths = int(n_classes), int(crop_px), tuple(widths)
+        self.margin_px = int(margin_px)
         cins = (3, *widths[:-1])
         self.trunk = nn.ModuleList(DoubleConv(c, w, batch_norm=True)
                                    for c, w in zip(cins, widths, strict=True))
-        self.head = nn.Conv2d(widths[-1], n_classes, 1)
+        self.head = nn.Conv2d(2 * widths[-1], n_classes, 1)
+
+    @property
+    def window_px(self) -> int:
+        """The side of the windows :meth:`forward` takes: the crop and its margins."""
+        return self.crop_px + 2 * self.margin_px
+
+    def _centre(self) -> tuple[int, int]:
+        # (side, offset) of the centre's features within the crop's
+        n = self.crop_px // STRIDE
+        side = 2 if n % 2 == 0 else 1
+        return side, (n - side) // 2
 
     def features(self, x: Tensor) -> Tensor:
         """Stride-8 features of ``x`` (B, 3, H, W)."""
@@ -68,30 +97,39 @@ class CellClassifier(nn.Module):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
         return x
 
-    def forward(self, crops: Tensor) -> Tensor:
-        pooled = self.features(crops).mean(dim=(2, 3), keepdim=True)
+    def forward(self, windows: Tensor) -> Tensor:
+        m, n = self.margin_px // STRIDE, self.crop_px // STRIDE
+        crop = self.features(windows)[:, :, m:m + n, m:m + n]
+        side, off = self._centre()
+        pooled = torch.cat([crop[:, :, off:off + side, off:off + side].mean((2, 3), keepdim=True),
+                            crop.mean((2, 3), keepdim=True)], 1)
         return self.head(F.dropout(pooled, DROPOUT, self.training))[:, :, 0, 0]
 
     def dense_logits(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W)`` logits: at each pixel, those of the crop centred on it.
+        """``(B, C, H, W)`` logits: at each pixel, those of the window centred on it.
 
-        Output ``j`` of the pooled features covers the padded pixels ``[8j, 8j + crop)``;
+        Output ``j`` of the crop-pooled features covers the padded pixels ``[8j, 8j + crop)``;
         padding ``crop / 2 - 4`` before makes the upsampled pixel ``p`` read output
-        ``(p + 0.5) / 8 - 0.5``, the crop whose centre is half a pixel from ``p``.
+        ``(p + 0.5) / 8 - 0.5``, the crop whose centre is half a pixel from ``p``. The centre's
+        pooling over ``side`` features starts ``offset`` features later in the same crop.
         """
         h, w = x.shape[-2:]
-        half = self.crop_px // 2
-        before = half - STRIDE // 2
+        before = self.crop_px // 2 - STRIDE // 2
         after_h = before + (-(h + 2 * before)) % STRIDE
         after_w = before + (-(w + 2 * before)) % STRIDE
         x = F.pad(x, (before, after_w, before, after_h), value=1.0)  # white, as the crops
-        pooled = F.avg_pool2d(self.features(x), self.crop_px // STRIDE, stride=1)
-        logits = F.interpolate(self.head(pooled), scale_factor=STRIDE, mode="bilinear",
-                               align_corners=False)
+        feats = self.features(x)
+        crop = F.avg_pool2d(feats, self.crop_px // STRIDE, stride=1)
+        side, off = self._centre()
+        centre = F.avg_pool2d(feats, side, stride=1)[:, :, off:off + crop.shape[-2],
+                                                     off:off + crop.shape[-1]]
+        logits = F.interpolate(self.head(torch.cat([centre, crop], 1)), scale_factor=STRIDE,
+                               mode="bilinear", align_corners=False)
         return logits[:, :, :h, :w]
 
     def spec(self) -> dict:
-        return {"crop_px": self.crop_px, "widths": list(self.widths)}
+        return {"crop_px": self.crop_px, "margin_px": self.margin_px,
+                "widths": list(self.widths)}
 
 
 class WithCellClassifier(nn.Module):
@@ -163,5 +201,5 @@ def base_state(spec: dict, state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
 
 
-__all__ = ["CROP_UM", "NAME", "STRIDE", "WIDTHS", "CellClassifier", "WithCellClassifier",
+__all__ = ["CROP_UM", "MARGIN_PX", "NAME", "STRIDE", "WIDTHS", "CellClassifier", "WithCellClassifier",
            "base_spec", "base_state", "crop_px_for", "display_name"]
