@@ -157,7 +157,10 @@ class TrainConfig:
     # (qpcell.tuning.CELL_SHARES). 0 = none, as in the papers
     cells_share: float = 0.0
     cells_passes: float = 12.0
-    cells_min_steps: int = 50
+    # 300: on NuCLS's ~500 training cells (12 passes: under 50 steps) 50 steps added +0.003
+    # weighted F1, 300 +0.073 and 1,000 +0.051 (docs/RESULTS.md, "The cell classifier looks at
+    # the cell too")
+    cells_min_steps: int = 300
 
 
 #: The rules for TrainConfig.select_on.

@@ -632,3 +632,14 @@ def test_cell_classifier_scores_each_share_on_the_same_network(endonuke, tmp_pat
 
     assert read_config(tmp_path / "w" / "m" / "share-0.5")["model"]["share"] == 0.5
     assert read_config(tmp_path / "w" / "m" / "share-0")["model"]["name"] == "s-drdin"
+
+
+def test_cell_classifier_dense_scores_windows_and_the_dense_map(tmp_path):
+    dense = load_script("cell_classifier_dense")
+    out = tmp_path / "dense.json"
+    result = dense.main(["--margins", "0,8", "--steps", "2", "--images", "3", "--train", "2",
+                         "--size", "64", "--crop-px", "16", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text(encoding="utf-8")) == result
+    assert [(r["margin_px"], r["steps"]) for r in result["rows"]] == [(0, 2), (8, 2)]
+    assert result["test_cells"] > 0
+    assert all(0.0 <= r["windows"] <= 1.0 and 0.0 <= r["dense"] <= 1.0 for r in result["rows"])

@@ -227,13 +227,14 @@ def test_training_adds_the_classifier_with_the_share_validation_chose(tmp_path, 
                   max_steps_per_epoch=2)
     monkeypatch.setattr("qpcell.tuning.CELL_SHARES", (0.5,))
     train([], classes, tmp_path / "half",
-          train_cfg=replace(rec.train, epochs=1, seed=0, cells_share=0.2), **kwargs)
+          train_cfg=replace(rec.train, epochs=1, seed=0, cells_share=0.2, cells_min_steps=60),
+          **kwargs)
     config = read_config(tmp_path / "half")
     done = config["training"]["cell_classifier"]
-    assert done["share"] == 0.5 and done["tuned"] and done["steps"] == 50  # the step floor
+    assert done["share"] == 0.5 and done["tuned"] and done["steps"] == 60  # the step floor
     assert done["last_loss"] < done["first_loss"]
     assert config["model"]["name"] == "with-cell-classifier"
-    assert "cell classifier steps 50" in (tmp_path / "half" / "train_log.txt").read_text()
+    assert "cell classifier steps 60" in (tmp_path / "half" / "train_log.txt").read_text()
     bundle = load_model(tmp_path / "half", device="cpu")
     det, cls = bundle.predict_maps(data[1].pixels[None])
     assert cls.shape == (1, 3, 96, 96)
@@ -241,7 +242,8 @@ def test_training_adds_the_classifier_with_the_share_validation_chose(tmp_path, 
 
     monkeypatch.setattr("qpcell.tuning.CELL_SHARES", (0.0,))
     train([], classes, tmp_path / "none",
-          train_cfg=replace(rec.train, epochs=1, seed=0, cells_share=0.2), **kwargs)
+          train_cfg=replace(rec.train, epochs=1, seed=0, cells_share=0.2, cells_min_steps=60),
+          **kwargs)
     config = read_config(tmp_path / "none")
     assert config["model"]["name"] == "unet"  # a share of 0: the network alone is saved
     assert config["training"]["cell_classifier"]["share"] == 0.0

@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import TINY_TRAIN
 
+from qpcell.config import TrainConfig
 from qpcell.io.geojson import read_geojson
 from qpcell.models.cell_classifier import base_spec
 from qpcell.tuning import CELL_SHARES, CONTEXT_WEIGHTS
@@ -134,7 +135,8 @@ def test_time_budget_and_recipe_reach_the_saved_model(cli, project, tmp_path):
     assert config["postprocess"]["context_weight"] in CONTEXT_WEIGHTS
     assert config["postprocess"]["context_radius_px"] * 0.44 == pytest.approx(15.0)
     assert config["training"]["config"]["cells_share"] == 0.3
-    assert config["training"]["cell_classifier"]["steps"] >= 50  # epochs: its step floor
+    # epochs, few cells: its step floor
+    assert config["training"]["cell_classifier"]["steps"] == TrainConfig().cells_min_steps
 
 
 def test_progress_lines_reach_a_log_file():

@@ -7,8 +7,9 @@ annotated cell, from a square crop of ``crop_px`` pixels centred on it (21 µm a
 the nucleus and its neighbours), with every cell drawn by the inverse square root of its class's
 count. Its features are pooled twice, over the crop's centre (the cell itself: its stain) and
 over the whole crop (its surroundings: epithelium against stroma), and the head reads both.
-It trains on windows ``margin_px`` wider than the crop on each side, so that the crop's
-features see real pixels around them, as they do in a tile.
+Its training windows may reach ``margin_px`` beyond the crop on each side, so that the crop's
+features see real pixels around them, as they do in a tile; by default they do not (a wider
+window costs more in steps than it gives, docs/RESULTS.md).
 
 At prediction it runs densely (:meth:`CellClassifier.dense_logits`): the trunk once over the
 tile, the two averages over every crop of its stride-8 features, the 1x1 head, and a bilinear
@@ -38,7 +39,9 @@ STRIDE = 8  # three 2x2 poolings
 CROP_UM = 21.0
 WIDTHS = (16, 32, 64, 128)
 DROPOUT = 0.3  # on the pooled features, in training
-#: Training windows reach this far beyond the crop, so the crop's features see real pixels.
+#: How far training windows reach beyond the crop. 16 px gave real neighbours to the crop's
+#: features but 2.8 times the pixels, and in the same seconds less than 0 (docs/RESULTS.md,
+#: "The cell classifier looks at the cell too").
 MARGIN_PX = 0
 NAME = "with-cell-classifier"
 
@@ -201,5 +204,5 @@ def base_state(spec: dict, state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
 
 
-__all__ = ["CROP_UM", "MARGIN_PX", "NAME", "STRIDE", "WIDTHS", "CellClassifier", "WithCellClassifier",
-           "base_spec", "base_state", "crop_px_for", "display_name"]
+__all__ = ["CROP_UM", "MARGIN_PX", "NAME", "STRIDE", "WIDTHS", "CellClassifier",
+           "WithCellClassifier", "base_spec", "base_state", "crop_px_for", "display_name"]
