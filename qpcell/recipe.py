@@ -48,11 +48,10 @@ scanners and pixel sizes it was not built for. Each of its changes was measured 
 * no cell classifier beside the network by default (``--cell-classifier 0.2`` trains one on
   21 µm crops around the annotated cells in a fifth of the budget, after the network, and mixes
   half of its class map into the network's, :mod:`qpcell.models.cell_classifier`). On EndoNuke
-  it lifted weighted F1 at 10 minutes from 0.931 ± 0.011 to 0.944 ± 0.002 (three seeds,
-  detection level, a slide's prediction 40% slower), but with few cells it gets only its floor of
-  50 steps: on the tests' small synthetic set the model with it scored weighted F1 0.64 where
-  the network alone passes the test's 0.8. It is unmeasured on NuCLS and at 2x, 3x and 30
-  minutes (docs/RESULTS.md, "A cell classifier beside the network").
+  it lifted weighted F1 at 10 minutes from 0.931 ± 0.011 to 0.943 ± 0.005 (three seeds,
+  detection level, prediction about 70% slower), and on the weights of three NuCLS networks
+  by 0.073. Through ``qpcell train`` it is unmeasured on NuCLS and at 2x, 3x and 30 minutes
+  (docs/RESULTS.md, "The cell classifier looks at the cell too").
 
 The fast recipe trains the plain U-Net (:data:`DEFAULT_MODELS`): its step costs a third of
 S-DRDIN's, so it takes three times the steps in a budget, and it scored higher on EndoNuke at 5

@@ -40,8 +40,8 @@ CROP_UM = 21.0
 WIDTHS = (16, 32, 64, 128)
 DROPOUT = 0.3  # on the pooled features, in training
 #: How far training windows reach beyond the crop. 16 px gave real neighbours to the crop's
-#: features but 2.8 times the pixels, and in the same seconds less than 0 (docs/RESULTS.md,
-#: "The cell classifier looks at the cell too").
+#: features but took 2.8 times the pixels, and in the same seconds it gained less than no
+#: margin (docs/RESULTS.md, "The cell classifier looks at the cell too").
 MARGIN_PX = 0
 NAME = "with-cell-classifier"
 
